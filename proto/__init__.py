@@ -1,0 +1,1 @@
+"""gRPC wire definitions. `python -m proto.generate` regenerates the modules from the .proto."""

@@ -1,0 +1,63 @@
+"""ModelRunner: one model, its paged latent cache, an attention backend and a page allocator.
+
+Engines (prefill, decode, the single-process reference) describe work as `SeqStep`s; the runner
+turns them into one ragged `ForwardBatch`, runs the model and returns each sequence's logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from shared.attention import ForwardBatch, TorchAttentionBackend
+from shared.kv_cache import KVCache, PageAllocator, pages_needed, slots_for
+from shared.model.text import KimiTextModel
+
+
+@dataclasses.dataclass
+class SeqStep:
+    """New tokens of one sequence, to run after its first `num_cached` tokens."""
+
+    token_ids: list[int]
+    num_cached: int
+    page_table: list[int]
+
+
+class ModelRunner:
+    def __init__(
+        self, model: KimiTextModel, num_pages: int, page_size: int, device: str = "cpu"
+    ) -> None:
+        self.model = model
+        self.page_size = page_size
+        self.device = device
+        dtype = model.embed_tokens.weight.dtype
+        self.cache = KVCache(model.config, num_pages, page_size, dtype, device)
+        self.allocator = PageAllocator(num_pages)
+        self.backend = TorchAttentionBackend(self.cache, model.config.softmax_scale)
+
+    def ensure_pages(self, page_table: list[int], num_tokens: int) -> None:
+        """Grows `page_table` in place to hold `num_tokens` tokens (raises when out of pages)."""
+        missing = pages_needed(num_tokens, self.page_size) - len(page_table)
+        if missing > 0:
+            page_table.extend(self.allocator.allocate(missing))
+
+    def build_batch(self, steps: list[SeqStep]) -> ForwardBatch:
+        ids, positions, slots = [], [], []
+        for step in steps:
+            start, end = step.num_cached, step.num_cached + len(step.token_ids)
+            ids.extend(step.token_ids)
+            positions.append(torch.arange(start, end))
+            slots.append(slots_for(step.page_table, start, end, self.page_size))
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            positions=torch.cat(positions).to(self.device),
+            slots=torch.cat(slots).to(self.device),
+            q_lens=[len(s.token_ids) for s in steps],
+            kv_lens=[s.num_cached + len(s.token_ids) for s in steps],
+            page_tables=[s.page_table for s in steps],
+        )
+
+    def run(self, steps: list[SeqStep], all_logits: bool = False) -> torch.Tensor:
+        """Logits [B, V] (last new token of each step) or [T, V] with `all_logits`."""
+        return self.model(self.build_batch(steps), self.cache, self.backend, all_logits)
