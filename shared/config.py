@@ -55,6 +55,9 @@ class TextConfig:
     rope_scaling: RopeScalingConfig | None
     max_position_embeddings: int
     tie_word_embeddings: bool = False
+    # The MLA-internal norms (q_a_layernorm, kv_a_layernorm) use 1e-6 in DeepSeek's reference
+    # code and in transformers, which build them without passing `rms_norm_eps`.
+    mla_norm_eps: float = 1e-6
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 

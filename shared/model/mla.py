@@ -34,12 +34,12 @@ class MLAttention(nn.Module):
         q_out = heads * config.qk_head_dim
         if config.q_lora_rank:
             self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.mla_norm_eps)
             self.q_b_proj = nn.Linear(config.q_lora_rank, q_out, bias=False)
         else:
             self.q_proj = nn.Linear(hidden, q_out, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, config.kv_cache_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.mla_norm_eps)
         self.kv_b_proj = nn.Linear(
             config.kv_lora_rank, heads * (self.nope_dim + self.v_dim), bias=False
         )

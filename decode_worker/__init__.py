@@ -1,0 +1,1 @@
+"""Decode worker: reserves pages, receives prompt KV, runs continuous batching, streams tokens."""

@@ -1,0 +1,191 @@
+"""The decode engine: continuous batching over the paged latent cache.
+
+Request life on a decode worker: `reserve` (pages for the prompt, state RESERVED) ->
+KV arrives through the receiver (`on_transfer_done`) -> admitted to the running batch with the
+first token the prefill worker sampled -> one token per step until a stop condition -> pages
+freed. Pages are freed exactly once on every path: finish, abort, failed transfer.
+
+Threads: gRPC handlers call `reserve`, `abort` and read `Request.outputs`; the KV receiver calls
+`on_transfer_done`; only the engine loop touches `running` and runs the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+
+from shared.kv_cache import pages_needed
+from shared.kv_transfer import TransferState
+from shared.messages import KVPushMsg
+from shared.runner import ModelRunner, SeqStep
+from shared.sampling import Sampled, SamplingConfig, sample_one
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DecodeOutput:
+    """One event on a request's output queue: a token, or the end (finish_reason set)."""
+
+    sampled: Sampled | None = None
+    finish_reason: str = ""
+    error: str = ""
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    page_table: list[int]
+    state: TransferState = TransferState.RESERVED
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    outputs: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    aborted: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class DecodeEngine:
+    def __init__(self, runner: ModelRunner, max_running: int = 256) -> None:
+        self.runner = runner
+        self.max_running = max_running
+        self._requests: dict[str, Request] = {}
+        self._lock = threading.Lock()
+        self._admit: queue.Queue[tuple[Request, Sampled]] = queue.Queue()
+        self._wakeup = threading.Event()
+        self.running: list[Request] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wakeup.set()
+
+    # ------------------------------------------------------------ called from other threads
+
+    def reserve(self, request: Request) -> list[int]:
+        """Reserves pages for the prompt; raises OutOfPagesError when the cache is full."""
+        num = pages_needed(len(request.prompt_ids), self.runner.page_size)
+        request.page_table = self.runner.allocator.allocate(num)
+        with self._lock:
+            self._requests[request.request_id] = request
+        return request.page_table
+
+    def pages_of(self, request_id: str) -> list[int] | None:
+        with self._lock:
+            request = self._requests.get(request_id)
+            if request is None or request.aborted:
+                return None
+            request.state = TransferState.TRANSFERRING
+            return request.page_table
+
+    def on_transfer_done(self, request_id: str, push: KVPushMsg, error: str) -> None:
+        with self._lock:
+            request = self._requests.get(request_id)
+        if request is None:
+            return
+        if error or request.aborted:
+            request.state = TransferState.FAILED
+            self._finish(request, "abort" if request.aborted else "error", error)
+            return
+        request.state = TransferState.DONE
+        first = Sampled(push.first_token, push.first_logprob, list(push.first_top_logprobs))
+        self._admit.put((request, first))
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> bool:
+        """Marks the request aborted; its pages are freed by whoever holds it next."""
+        with self._lock:
+            request = self._requests.get(request_id)
+            if request is None:
+                return False
+            request.aborted = True
+            waiting_for_kv = request.state == TransferState.RESERVED
+        if waiting_for_kv:
+            self._finish(request, "abort", "aborted")
+        self._wakeup.set()
+        return True
+
+    def num_free_pages(self) -> int:
+        return self.runner.allocator.num_free
+
+    # ------------------------------------------------------------ engine loop
+
+    def _finish(self, request: Request, reason: str, error: str = "") -> None:
+        with self._lock:
+            if self._requests.pop(request.request_id, None) is None:
+                return  # already finished: pages were freed then
+        self.runner.allocator.free(request.page_table)
+        request.outputs.put(DecodeOutput(finish_reason=reason, error=error))
+
+    def _emit(self, request: Request, sampled: Sampled) -> bool:
+        """Appends a token; returns True while the request keeps running."""
+        request.output_ids.append(sampled.token_id)
+        request.outputs.put(DecodeOutput(sampled=sampled))
+        if sampled.token_id in request.stop_token_ids:
+            self._finish(request, "stop")
+        elif len(request.output_ids) >= request.max_tokens:
+            self._finish(request, "length")
+        else:
+            return True
+        return False
+
+    def _admit_new(self) -> None:
+        while len(self.running) < self.max_running and not self._admit.empty():
+            request, first = self._admit.get_nowait()
+            if request.aborted:
+                self._finish(request, "abort", "aborted")
+            elif self._emit(request, first):
+                self.running.append(request)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._admit_new()
+            for request in [r for r in self.running if r.aborted]:
+                self.running.remove(request)
+                self._finish(request, "abort", "aborted")
+            if not self.running:
+                self._wakeup.wait(0.05)
+                self._wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its requests, not the worker
+                logger.exception("decode step failed")
+                for request in self.running:
+                    self._finish(request, "error", f"decode step failed: {exc}")
+                self.running = []
+
+    def step(self) -> None:
+        """One decode step for every running request: feed the last token, sample the next."""
+        steps, batch = [], []
+        for request in self.running:
+            try:
+                self.runner.ensure_pages(request.page_table, request.num_tokens)
+            except RuntimeError as exc:
+                self._finish(request, "error", f"out of KV pages: {exc}")
+                continue
+            steps.append(SeqStep([request.output_ids[-1]], request.num_tokens - 1,
+                                 request.page_table))  # fmt: skip
+            batch.append(request)
+        self.running = batch
+        if not batch:
+            return
+        logits = self.runner.run(steps)
+        still_running = []
+        for row, request in zip(logits, batch):
+            sampled = sample_one(row, request.sampling, len(request.output_ids),
+                                 request.prompt_ids, request.output_ids)  # fmt: skip
+            if self._emit(request, sampled):
+                still_running.append(request)
+        self.running = still_running

@@ -1,0 +1,126 @@
+"""Decode worker process: gRPC front end, KV receiver and the decode engine loop.
+
+`python -m decode_worker.server --model-path DIR --worker-id decode-0 --port 0` prints
+`READY <port>` on stdout once it serves (the launcher reads it).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+from concurrent import futures
+
+import grpc
+import torch
+
+from proto import kimiserve_pb2 as pb
+from proto import kimiserve_pb2_grpc as pb_grpc
+from decode_worker.engine import DecodeEngine, Request
+from shared.kv_cache import OutOfPagesError
+from shared.kv_transfer import KVReceiver
+from shared.model.loader import load_text_model
+from shared.runner import ModelRunner
+from shared.settings import WorkerConfig, parse_worker_config
+from shared.wire import GRPC_OPTIONS, sampling_from_proto, token_to_proto
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeServicer(pb_grpc.DecodeWorkerServicer):
+    def __init__(self, config: WorkerConfig, engine: DecodeEngine, receiver: KVReceiver) -> None:
+        self.config = config
+        self.engine = engine
+        self.receiver = receiver
+
+    def Generate(self, request: pb.DecodeRequest, context: grpc.ServicerContext):
+        params = request.sampling
+        req = Request(
+            request_id=request.request_id,
+            prompt_ids=list(request.prompt_token_ids),
+            sampling=sampling_from_proto(params),
+            max_tokens=max(params.max_tokens, 1),
+            stop_token_ids=frozenset(params.stop_token_ids),
+            page_table=[],
+        )
+        try:
+            pages = self.engine.reserve(req)
+        except OutOfPagesError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker is full: {exc}")
+        context.add_callback(lambda: self.engine.abort(req.request_id))
+        yield pb.DecodeChunk(
+            reservation=pb.TransferDescriptor(
+                request_id=req.request_id,
+                decode_worker_id=self.config.worker_id,
+                page_ids=pages,
+                page_size=self.engine.runner.page_size,
+                rendezvous_address=self.receiver.rendezvous_address,
+                control_address=self.receiver.control_address,
+            )
+        )
+        while True:
+            try:
+                out = req.outputs.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if out.sampled is not None:
+                yield pb.DecodeChunk(token=token_to_proto(out.sampled))
+            if out.finish_reason:
+                yield pb.DecodeChunk(finish_reason=out.finish_reason, error=out.error)
+                return
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(found=self.engine.abort(request.request_id))
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.WorkerStatus:
+        runner = self.engine.runner
+        return pb.WorkerStatus(
+            worker_id=self.config.worker_id,
+            role="decode",
+            state="ready",
+            num_free_pages=runner.allocator.num_free,
+            num_total_pages=runner.allocator.num_pages,
+            num_running=len(self.engine.running),
+        )
+
+
+def serve(config: WorkerConfig) -> None:
+    torch.set_grad_enabled(False)
+    model = load_text_model(config.model_path, dtype=getattr(torch, config.dtype))
+    runner = ModelRunner(model, config.num_pages, config.page_size)
+    engine = DecodeEngine(runner)
+    text = model.config
+    receiver = KVReceiver(
+        host=config.host,
+        write_pages=lambda pages, kv: runner.cache.scatter(
+            pages, *kv.split([text.kv_lora_rank, text.qk_rope_head_dim], dim=-1)
+        ),
+        resolve=engine.pages_of,
+        on_done=engine.on_transfer_done,
+        kv_shape=(text.num_hidden_layers, text.kv_cache_dim),
+        dtype=runner.cache.ckv.dtype,
+        timeout=config.kv_transfer_timeout,
+    )
+    engine.start()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=GRPC_OPTIONS)
+    pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(config, engine, receiver), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    server.start()
+    logger.info(
+        "decode worker %s ready on %s:%d (%d pages of %d tokens, %d KV bytes per token)",
+        config.worker_id, config.host, port, config.num_pages, config.page_size,
+        runner.cache.bytes_per_token(),
+    )  # fmt: skip
+    sys.stdout.write(f"READY {port}\n")
+    sys.stdout.flush()
+    server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> None:
+    serve(parse_worker_config(argv, "kimiserve decode worker"))
+
+
+if __name__ == "__main__":
+    main()

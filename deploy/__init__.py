@@ -1,0 +1,1 @@
+"""Launchers: local processes on one machine (the default) and, later, Ray actors."""

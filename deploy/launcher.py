@@ -1,0 +1,172 @@
+"""Local launcher: starts every pool as separate OS processes on this machine and supervises them.
+
+Start order: decode and prefill workers (each prints `READY <port>` when it serves), then the
+router with their addresses, then the gateway. Ctrl-C (SIGINT) or SIGTERM stops all of them;
+each child runs in its own session and is killed with its whole process group, so none is left
+orphaned. If any child dies, the others are stopped and the launcher exits non-zero.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: str = "moonshotai/Kimi-K2.5"
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_pages: int = 2048
+    page_size: int = 16
+    kv_transfer_timeout: float = 30.0
+    api_key: str | None = None
+    internal_host: str = "127.0.0.1"
+    startup_timeout: float = 300.0
+
+
+@dataclasses.dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    port: int = 0
+
+
+class LocalStack:
+    """The processes of one stack; use as a context manager or call `start` / `stop`."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, module: str, args: list[str]) -> Child:
+        cmd = [sys.executable, "-m", module, *args]
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                   preexec_fn=_die_with_parent)  # fmt: skip
+        child = Child(name, process)
+        self.children.append(child)
+        return child
+
+    def _await_ready(self, child: Child) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        while time.monotonic() < deadline:
+            if child.process.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with {child.process.returncode}")
+            ready, _, _ = select.select([child.process.stdout], [], [], 0.5)
+            if ready:
+                line = child.process.stdout.readline()
+                if line.startswith("READY "):
+                    child.port = int(line.split()[1])
+                    logger.info("%s ready on port %d (pid %d)", child.name, child.port,
+                                child.process.pid)  # fmt: skip
+                    return
+        raise TimeoutError(f"{child.name} not ready within {self.config.startup_timeout}s")
+
+    def _worker_args(self, worker_id: str) -> list[str]:
+        c = self.config
+        return ["--model-path", c.model_path, "--worker-id", worker_id, "--host", c.internal_host,
+                "--num-pages", str(c.num_pages), "--page-size", str(c.page_size),
+                "--kv-transfer-timeout", str(c.kv_transfer_timeout)]  # fmt: skip
+
+    def start(self) -> None:
+        c = self.config
+        try:
+            workers = [self._spawn(f"decode-{i}", "decode_worker.server",
+                                   self._worker_args(f"decode-{i}")) for i in range(c.num_decode)]
+            workers += [self._spawn(f"prefill-{i}", "prefill_worker.server",
+                                    self._worker_args(f"prefill-{i}")) for i in range(c.num_prefill)]
+            for child in workers:
+                self._await_ready(child)
+            addr = {w.name: f"{c.internal_host}:{w.port}" for w in workers}
+            router_args = ["--model-path", c.model_path, "--host", c.internal_host,
+                           "--served-model-name", c.served_model_name]  # fmt: skip
+            router_args += [a for n, v in addr.items() if n.startswith("prefill")
+                            for a in ("--prefill", v)]  # fmt: skip
+            router_args += [a for n, v in addr.items() if n.startswith("decode")
+                            for a in ("--decode", v)]  # fmt: skip
+            router = self._spawn("router", "router.server", router_args)
+            self._await_ready(router)
+            gateway_args = ["--host", c.host, "--port", str(c.port), "--router",
+                            f"{c.internal_host}:{router.port}",
+                            "--served-model-name", c.served_model_name]  # fmt: skip
+            if c.api_key:
+                gateway_args += ["--api-key", c.api_key]
+            self._await_ready(self._spawn("gateway", "router.gateway_main", gateway_args))
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def stop(self, grace: float = 5.0) -> None:
+        for child in reversed(self.children):
+            _signal_group(child.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in self.children:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(child.process, signal.SIGKILL)
+                child.process.wait()
+            if child.process.stdout:
+                child.process.stdout.close()
+        self.children = []
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to send SIGTERM when the launcher dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def run_until_interrupted(config: StackConfig) -> int:
+    """`kimiserve up`: serve until Ctrl-C or a child dies."""
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with LocalStack(config) as stack:
+        logger.info("kimiserve is up: %s/v1 (model %s)", stack.base_url, config.served_model_name)
+        while stop["signal"] is None:
+            dead = stack.dead_child()
+            if dead is not None:
+                logger.error("%s exited with %s; stopping", dead.name, dead.process.returncode)
+                return 1
+            time.sleep(0.5)
+    logger.info("stopped")
+    return 0

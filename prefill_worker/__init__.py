@@ -1,0 +1,1 @@
+"""Prefill worker: computes a prompt's MLA latents and first token, pushes the KV to decode."""

@@ -1,0 +1,106 @@
+"""One sample's trip through the workers (decode-first push, DESIGN.md section 4).
+
+1. Open `DecodeWorker.Generate`: the decode worker reserves pages and answers with a
+   `TransferDescriptor` (or RESOURCE_EXHAUSTED when full).
+2. Call `PrefillWorker.Prefill` with that descriptor: the prefill worker computes the KV, pushes
+   it into the reserved pages and samples the first token.
+3. Read tokens from the decode stream until it reports a finish reason.
+Leaving early (client gone, error) cancels both calls; the decode worker frees the pages when
+its stream is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from proto import kimiserve_pb2 as pb
+from router.pools import Pool
+
+logger = logging.getLogger(__name__)
+
+
+class SampleError(Exception):
+    """A sample failed; `http_status` is what the client should see."""
+
+    def __init__(self, message: str, http_status: int = 500, retry_after: int = 0) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    token: pb.TokenOutput | None
+    finish_reason: str = ""
+
+
+def _status_to_http(code: grpc.StatusCode) -> int:
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        return 503
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return 400
+    return 500
+
+
+async def run_sample(
+    request_id: str,
+    prompt_ids: list[int],
+    sampling: pb.SamplingParams,
+    prefill_pool: Pool,
+    decode_pool: Pool,
+) -> AsyncIterator[TokenEvent]:
+    decode, prefill = decode_pool.pick(), prefill_pool.pick()
+    if decode is None or prefill is None:
+        raise SampleError("no worker available in the prefill or decode pool", 503, 1)
+    decode_req = pb.DecodeRequest(
+        request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling
+    )
+    stream = decode.stub.Generate(decode_req)
+    prefill_call = None
+    decode.num_inflight += 1
+    try:
+        first = await stream.read()
+        if first is grpc.aio.EOF or not first.HasField("reservation"):
+            raise SampleError("decode worker closed the stream before reserving pages", 503, 1)
+        prefill_req = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+                                        sampling=sampling, destination=first.reservation)  # fmt: skip
+        prefill_call = asyncio.ensure_future(prefill.stub.Prefill(prefill_req))
+        prefill_call.add_done_callback(lambda f: f.cancelled() or f.exception())
+        while True:
+            chunk = await _read_or_fail(stream, prefill_call)
+            if chunk.HasField("token"):
+                yield TokenEvent(chunk.token)
+            if chunk.finish_reason:
+                if chunk.finish_reason == "error":
+                    raise SampleError(f"decode worker failed the request: {chunk.error}", 500)
+                yield TokenEvent(None, chunk.finish_reason)
+                return
+    except grpc.aio.AioRpcError as exc:
+        raise SampleError(f"{exc.code().name}: {exc.details()}", _status_to_http(exc.code()),
+                          1 if _status_to_http(exc.code()) == 503 else 0) from exc  # fmt: skip
+    finally:
+        decode.num_inflight -= 1
+        stream.cancel()
+        if prefill_call is not None and not prefill_call.done():
+            prefill_call.cancel()
+
+
+async def _read_or_fail(stream, prefill_call: asyncio.Future) -> pb.DecodeChunk:
+    """The next decode chunk; raises the prefill call's error if it fails first."""
+    read = asyncio.ensure_future(stream.read())
+    while True:
+        waiting = {read} if prefill_call.done() else {read, prefill_call}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if read in done:
+            chunk = read.result()
+            if chunk is grpc.aio.EOF:
+                raise SampleError("decode stream ended without a finish reason", 500)
+            return chunk
+        if prefill_call.exception() is not None:
+            read.cancel()
+            raise prefill_call.exception()
