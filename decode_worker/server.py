@@ -14,9 +14,9 @@ from concurrent import futures
 import grpc
 import torch
 
+from decode_worker.engine import DecodeEngine, Request
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
-from decode_worker.engine import DecodeEngine, Request
 from shared.kv_cache import OutOfPagesError
 from shared.kv_transfer import KVReceiver
 from shared.model.loader import load_text_model

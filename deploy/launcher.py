@@ -8,6 +8,7 @@ orphaned. If any child dies, the others are stopped and the launcher exits non-z
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -90,10 +91,16 @@ class LocalStack:
     def start(self) -> None:
         c = self.config
         try:
-            workers = [self._spawn(f"decode-{i}", "decode_worker.server",
-                                   self._worker_args(f"decode-{i}")) for i in range(c.num_decode)]
-            workers += [self._spawn(f"prefill-{i}", "prefill_worker.server",
-                                    self._worker_args(f"prefill-{i}")) for i in range(c.num_prefill)]
+            workers = [
+                self._spawn(f"decode-{i}", "decode_worker.server", self._worker_args(f"decode-{i}"))
+                for i in range(c.num_decode)
+            ]
+            workers += [
+                self._spawn(
+                    f"prefill-{i}", "prefill_worker.server", self._worker_args(f"prefill-{i}")
+                )
+                for i in range(c.num_prefill)
+            ]
             for child in workers:
                 self._await_ready(child)
             addr = {w.name: f"{c.internal_host}:{w.port}" for w in workers}
@@ -145,10 +152,8 @@ def _die_with_parent() -> None:
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def run_until_interrupted(config: StackConfig) -> int:

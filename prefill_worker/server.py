@@ -14,9 +14,9 @@ from concurrent import futures
 import grpc
 import torch
 
+from prefill_worker.engine import PrefillEngine, PrefillJob
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
-from prefill_worker.engine import PrefillEngine, PrefillJob
 from shared.kv_transfer import KVSender, TransferError
 from shared.messages import KVPushMsg
 from shared.model.loader import load_text_model

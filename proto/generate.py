@@ -34,7 +34,12 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
         stem = name.removesuffix(".proto")
         grpc_module = out_dir / f"{stem}_pb2_grpc.py"
         # protoc emits a top-level import; the modules live inside the `proto` package.
-        text = re.sub(rf"^import {stem}_pb2", f"from proto import {stem}_pb2", grpc_module.read_text(), flags=re.M)
+        text = re.sub(
+            rf"^import {stem}_pb2",
+            f"from proto import {stem}_pb2",
+            grpc_module.read_text(),
+            flags=re.M,
+        )
         grpc_module.write_text(text)
         written += [out_dir / f"{stem}_pb2.py", out_dir / f"{stem}_pb2.pyi", grpc_module]
     return written

@@ -59,7 +59,7 @@ class TorchAttentionBackend:
             kpe = kpe_pages.index_select(0, index).flatten(0, 1)[:kv_len].float()  # [S, R]
             ql = q_lat[start : start + q_len].float()  # [Tq, H, r]
             qp = q_pe[start : start + q_len].float()  # [Tq, H, R]
-            scores = (torch.einsum("thr,sr->hts", ql, ckv) + torch.einsum("thr,sr->hts", qp, kpe))
+            scores = torch.einsum("thr,sr->hts", ql, ckv) + torch.einsum("thr,sr->hts", qp, kpe)
             scores = scores * self.scale  # [H, Tq, S]
             if q_len > 1:
                 query_pos = torch.arange(kv_len - q_len, kv_len, device=q_lat.device)

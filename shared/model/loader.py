@@ -111,7 +111,5 @@ def _rebuild_buffers(model: KimiTextModel, device: str) -> None:
     config = model.config
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            fresh = RotaryEmbedding(
-                config.qk_rope_head_dim, config.rope_theta, config.rope_scaling
-            )
+            fresh = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
             module.inv_freq = fresh.inv_freq.to(device)

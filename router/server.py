@@ -1,0 +1,182 @@
+"""Router process: the public gRPC `Router` service behind the HTTP gateway.
+
+For each request: build the prompt (template, tokenizer), check it against the context length,
+run every sample through prefill and decode (`lifecycle.run_sample`), turn tokens into text and
+parsed deltas (`postprocess.ChoiceOutput`), and stream `GenerateChunk`s back.
+
+`python -m router.server --model-path DIR --prefill HOST:PORT --decode HOST:PORT` prints
+`READY <port>` once it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+
+from proto import kimiserve_pb2 as pb
+from proto import kimiserve_pb2_grpc as pb_grpc
+from router.lifecycle import SampleError, run_sample
+from router.pools import Pool, make_pools
+from router.postprocess import ChoiceOutput
+from router.prompt import InvalidRequest, Prompt, PromptBuilder
+from shared.config import ModelConfig
+from shared.tokenizer import KimiTokenizer
+from shared.wire import GRPC_OPTIONS
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_LENGTH = 32768
+
+
+def error_chunk(status: int, message: str, param: str = "", kind: str = "") -> pb.GenerateChunk:
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return pb.GenerateChunk(
+        error=pb.Error(http_status=status, type=kind, message=message, param=param)
+    )
+
+
+class RouterServicer(pb_grpc.RouterServicer):
+    def __init__(self, model_path: str, served_model_name: str, prefill: Pool, decode: Pool,
+                 context_length: int) -> None:  # fmt: skip
+        self.tokenizer = KimiTokenizer.from_dir(model_path)
+        self.prompts = PromptBuilder(model_path, self.tokenizer)
+        self.served_model_name = served_model_name
+        self.prefill, self.decode = prefill, decode
+        self.context_length = context_length
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            prompt = self.prompts.build(request)
+            sampling = self._sampling(request, prompt)
+        except InvalidRequest as exc:
+            yield error_chunk(400, str(exc), exc.param)
+            return
+        num_samples = max(request.n, 1)
+        outputs = [ChoiceOutput(i, self.tokenizer, prompt, request) for i in range(num_samples)]
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._run_choice(request, prompt, sampling, out, queue))
+            for out in outputs
+        ]
+        try:
+            remaining = num_samples
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                yield item
+                if item.HasField("error"):
+                    return
+            yield pb.GenerateChunk(usage=pb.Usage(
+                prompt_tokens=len(prompt.token_ids),
+                completion_tokens=sum(o.num_tokens for o in outputs),
+                reasoning_tokens=sum(o.num_reasoning_tokens for o in outputs),
+            ))  # fmt: skip
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _run_choice(self, request: pb.GenerateRequest, prompt: Prompt,
+                          sampling: pb.SamplingParams, out: ChoiceOutput,
+                          queue: asyncio.Queue) -> None:  # fmt: skip
+        request_id = request.request_id if request.n <= 1 else f"{request.request_id}-{out.index}"
+        try:
+            async for event in run_sample(request_id, prompt.token_ids, sampling,
+                                          self.prefill, self.decode):  # fmt: skip
+                delta = out.on_token(event.token) if event.token else None
+                if event.finish_reason or out.finished:
+                    delta = out.finish(delta, event.finish_reason)
+                if delta is not None:
+                    await queue.put(pb.GenerateChunk(choices=[delta]))
+                if out.finished:
+                    break
+        except SampleError as exc:
+            logger.warning("request %s failed: %s", request_id, exc)
+            await queue.put(error_chunk(exc.http_status, str(exc)))
+        finally:
+            await queue.put(None)
+
+    def _sampling(self, request: pb.GenerateRequest, prompt: Prompt) -> pb.SamplingParams:
+        sampling = pb.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        num_prompt = len(prompt.token_ids)
+        if num_prompt >= self.context_length:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.context_length} tokens. However, "
+                f"your prompt has {num_prompt} tokens.", "messages")  # fmt: skip
+        room = self.context_length - num_prompt
+        if sampling.max_tokens <= 0:
+            sampling.max_tokens = room
+        elif sampling.max_tokens > room:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.context_length} tokens. However, "
+                f"you requested {num_prompt + sampling.max_tokens} tokens ({num_prompt} in the "
+                f"messages, {sampling.max_tokens} in the completion).", "max_tokens")  # fmt: skip
+        if not sampling.ignore_eos:
+            sampling.stop_token_ids.extend(self.tokenizer.eos_token_ids)
+        return sampling
+
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
+        pools = []
+        ready = True
+        for pool in (self.prefill, self.decode):
+            statuses = []
+            for worker in pool.workers:
+                try:
+                    status = await worker.stub.Status(pb.StatusRequest(), timeout=2.0)
+                except grpc.aio.AioRpcError:
+                    status = pb.WorkerStatus(worker_id=worker.worker_id, role=pool.role,
+                                             state="lost")  # fmt: skip
+                status.address = worker.address
+                statuses.append(status)
+            ready = ready and any(s.state == "ready" for s in statuses)
+            pools.append(pb.PoolStatus(role=pool.role, workers=statuses))
+        return pb.HealthResponse(ready=ready, pools=pools, model_name=self.served_model_name,
+                                 max_context_length=self.context_length)  # fmt: skip
+
+
+async def serve(args: argparse.Namespace) -> None:
+    prefill, decode = make_pools(args.prefill, args.decode)
+    config = ModelConfig.from_dir(args.model_path)
+    context_length = args.context_length or min(
+        config.text.max_position_embeddings, DEFAULT_CONTEXT_LENGTH
+    )
+    servicer = RouterServicer(args.model_path, args.served_model_name, prefill, decode,
+                              context_length)  # fmt: skip
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_RouterServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    logger.info("router ready on %s:%d (%d prefill, %d decode workers, context %d)", args.host,
+                port, len(prefill.workers), len(decode.workers), context_length)  # fmt: skip
+    sys.stdout.write(f"READY {port}\n")
+    sys.stdout.flush()
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="kimiserve router")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--served-model-name", default="moonshotai/Kimi-K2.5")
+    parser.add_argument("--prefill", action="append", default=[], help="prefill worker address")
+    parser.add_argument("--decode", action="append", default=[], help="decode worker address")
+    parser.add_argument("--context-length", type=int, default=0)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The whole request path on the tiny checkpoint: openai client -> gateway -> router -> prefill ->
+KV transfer (gloo) -> decode, each a separate process."""
+
+from __future__ import annotations
+
+import subprocess
+
+import grpc
+import openai
+import pytest
+from stack_utils import router_address, start_stack
+
+from proto import kimiserve_pb2 as pb
+from proto import kimiserve_pb2_grpc as pb_grpc
+
+MODEL = "moonshotai/Kimi-K2.5"
+PROMPTS = [
+    "Explain mixture-of-experts in one sentence.",
+    "Hi",
+    "Write a haiku about the sea.",
+    "What is 17 * 23?",
+    "Translate 'good morning' into French.",
+    "List three prime numbers.",
+    "日本の首都はどこですか？",
+    "Summarise: the quick brown fox jumps over the lazy dog. " * 8,
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoint):
+    stack = start_stack(tiny_checkpoint)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def _chat(client: openai.OpenAI, prompt: str, **kwargs):
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": prompt},
+        ],  # fmt: skip
+        temperature=0,
+        max_tokens=24,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_chat_streaming_equals_non_streaming(client, prompt):
+    full = _chat(client, prompt)
+    choice = full.choices[0]
+    assert full.object == "chat.completion" and full.model == MODEL
+    assert full.usage.completion_tokens == 24 or choice.finish_reason == "stop"
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    reasoning = getattr(choice.message, "reasoning_content", None) or ""
+    assert reasoning + (choice.message.content or "")  # random weights, but never empty
+
+    chunks = list(_chat(client, prompt, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed_reasoning = "".join(
+        getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices
+    )
+    streamed_content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed_reasoning == reasoning
+    assert streamed_content == (choice.message.content or "")
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == [choice.finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_disaggregation_matches_single_process(stack, tiny_checkpoint):
+    """Greedy tokens through gateway-free gRPC equal a one-process generation, token for token."""
+    from shared.model.generate import greedy_generate
+    from shared.model.loader import load_text_model
+    from shared.tokenizer import KimiTokenizer
+
+    tokenizer = KimiTokenizer.from_dir(tiny_checkpoint)
+    model = load_text_model(tiny_checkpoint)
+    channel = grpc.insecure_channel(router_address(stack))
+    stub = pb_grpc.RouterStub(channel)
+    for prompt in PROMPTS[:4]:
+        prompt_ids = tokenizer.encode(prompt)
+        request = pb.GenerateRequest(
+            request_id=f"test-{hash(prompt)}",
+            prompt_token_ids=prompt_ids,
+            sampling=pb.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+        )
+        served = [t for chunk in stub.Generate(request) for c in chunk.choices for t in c.token_ids]
+        assert served == greedy_generate(model, prompt_ids, 32)
+    channel.close()
+
+
+def test_deployment_guide_request(stack):
+    """The deployment guide's text example, as curl sends it."""
+    body = (
+        '{"model":"moonshotai/Kimi-K2.5","messages":[{"role":"system","content":"You are a '
+        'helpful assistant."},{"role":"user","content":"Explain mixture-of-experts in one '
+        'sentence."}],"max_tokens":256}'
+    )
+    out = subprocess.run(
+        ["curl", "-s", "-w", "\n%{http_code}", f"{stack.base_url}/v1/chat/completions",
+         "-H", "Content-Type: application/json", "-d", body],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    payload, status = out.stdout.rsplit("\n", 1)
+    assert status == "200", payload
+    import json
+
+    data = json.loads(payload)
+    message = data["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    assert (message.get("reasoning_content") or "") + (message.get("content") or "")
+    assert data["usage"]["prompt_tokens"] > 0 and data["usage"]["completion_tokens"] > 0
+
+
+def test_each_role_is_its_own_process(stack):
+    pids = {c.name: c.process.pid for c in stack.children}
+    assert set(pids) == {"decode-0", "prefill-0", "router", "gateway"}
+    assert len(set(pids.values())) == 4
+    ps = subprocess.run(["ps", "-o", "pid=,args=", "-p", ",".join(map(str, pids.values()))],
+                        capture_output=True, text=True, check=True).stdout  # fmt: skip
+    for module in ("decode_worker.server", "prefill_worker.server", "router.server",
+                   "router.gateway_main"):  # fmt: skip
+        assert module in ps
