@@ -158,12 +158,10 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def build_config(token_ids: dict[str, int]) -> dict[str, Any]:
-    """The wrapper `config.json` in the release layout, with tiny sizes and these token ids."""
-    ids = {
-        "bos_token_id": token_ids["bos"],
-        "eos_token_id": token_ids["eos"],
-        "pad_token_id": token_ids["pad"],
-    }
+    """The wrapper `config.json` in the release layout, with tiny sizes and the token ids that
+    `write_tokenizer_files` returned."""
+    assert token_ids["vocab_size"] == TEXT_CONFIG["vocab_size"], token_ids
+    ids = {name: token_ids[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
     text = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "kimi_k2",
@@ -177,12 +175,11 @@ def build_config(token_ids: dict[str, int]) -> dict[str, Any]:
         "auto_map": {
             "AutoConfig": "configuration_kimi_k25.KimiK25Config",
             "AutoModel": "modeling_kimi_k25.KimiK25ForConditionalGeneration",
-            "AutoModelForCausalLM": "modeling_kimi_k25.KimiK25ForConditionalGeneration",
         },
         "model_type": "kimi_k25",
         "dtype": "bfloat16",
         **ids,
-        "media_placeholder_token_id": token_ids["media_pad"],
+        "media_placeholder_token_id": token_ids["media_placeholder_token_id"],
         "ignore_index": -100,
         "tie_word_embeddings": False,
         "use_unified_vision_chunk": True,
@@ -196,9 +193,9 @@ def build_config(token_ids: dict[str, int]) -> dict[str, Any]:
 def _generation_config(token_ids: dict[str, int]) -> dict[str, Any]:
     # Chat turns end with <|im_end|>, so that is the generation stop token (config eos is [EOS]).
     return {
-        "bos_token_id": token_ids["bos"],
-        "eos_token_id": token_ids["im_end"],
-        "pad_token_id": token_ids["pad"],
+        "bos_token_id": token_ids["bos_token_id"],
+        "eos_token_id": token_ids["im_end_token_id"],
+        "pad_token_id": token_ids["pad_token_id"],
         "max_length": TEXT_CONFIG["max_position_embeddings"],
     }
 
