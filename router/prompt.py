@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.chat_template import render_chat, resolve_thinking
+import jinja2
 
 from proto import kimiserve_pb2 as pb
+from shared.chat_template import render_chat, resolve_thinking
 from shared.tokenizer import KimiTokenizer
 
 
@@ -91,11 +92,17 @@ class PromptBuilder:
             raise InvalidRequest("chat_template_kwargs must be an object", "chat_template_kwargs")
         tools = _loads(request.tools_json, "tools", [])
         tool_choice = _loads(request.tool_choice_json, "tool_choice", "auto")
-        thinking = resolve_thinking(kwargs)
+        try:
+            thinking = resolve_thinking(kwargs)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), "chat_template_kwargs") from exc
         extra = {k: v for k, v in kwargs.items() if k not in ("thinking", "enable_thinking")}
         messages = [message_to_dict(m) for m in request.messages]
-        text = render_chat(self.template, messages, tools=tools or None,
-                           add_generation_prompt=True, thinking=thinking, **extra)  # fmt: skip
+        try:
+            text = render_chat(self.template, messages, tools=tools or None,
+                               add_generation_prompt=True, thinking=thinking, **extra)  # fmt: skip
+        except (jinja2.TemplateError, TypeError, ValueError) as exc:
+            raise InvalidRequest(f"cannot render the chat template: {exc}", "messages") from exc
         history_calls = sum(len(m.get("tool_calls") or []) for m in messages)
         return Prompt(
             self.tokenizer.encode(text), thinking, tools, tool_choice, history_calls, True

@@ -25,6 +25,7 @@ from router.pools import Pool, make_pools
 from router.postprocess import ChoiceOutput
 from router.prompt import InvalidRequest, Prompt, PromptBuilder
 from shared.config import ModelConfig
+from shared.parsers.markers import MarkerTable
 from shared.tokenizer import KimiTokenizer
 from shared.wire import GRPC_OPTIONS
 
@@ -40,10 +41,21 @@ def error_chunk(status: int, message: str, param: str = "", kind: str = "") -> p
     )
 
 
+def sampling_request(
+    request: pb.GenerateRequest, sampling: pb.SamplingParams
+) -> pb.GenerateRequest:
+    """The request with its resolved sampling parameters (stop ids included)."""
+    resolved = pb.GenerateRequest()
+    resolved.CopyFrom(request)
+    resolved.sampling.CopyFrom(sampling)
+    return resolved
+
+
 class RouterServicer(pb_grpc.RouterServicer):
     def __init__(self, model_path: str, served_model_name: str, prefill: Pool, decode: Pool,
                  context_length: int) -> None:  # fmt: skip
         self.tokenizer = KimiTokenizer.from_dir(model_path)
+        self.markers = MarkerTable.from_tokenizer(self.tokenizer)
         self.prompts = PromptBuilder(model_path, self.tokenizer)
         self.served_model_name = served_model_name
         self.prefill, self.decode = prefill, decode
@@ -59,7 +71,12 @@ class RouterServicer(pb_grpc.RouterServicer):
             yield error_chunk(400, str(exc), exc.param)
             return
         num_samples = max(request.n, 1)
-        outputs = [ChoiceOutput(i, self.tokenizer, prompt, request) for i in range(num_samples)]
+        outputs = [
+            ChoiceOutput(
+                i, self.tokenizer, self.markers, prompt, sampling_request(request, sampling)
+            )
+            for i in range(num_samples)
+        ]
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [
             asyncio.create_task(self._run_choice(request, prompt, sampling, out, queue))
