@@ -160,7 +160,12 @@ class KVReceiver:
         self._socket.setsockopt(zmq.LINGER, 0)
         port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.control_address = f"tcp://{host}:{port}"
-        self._outbox: queue.Queue = queue.Queue()
+        # Pair threads hand acks to the control thread through an inproc PUSH/PULL pipe, which
+        # wakes its poller at once (ZMQ sockets must stay on the thread that uses them).
+        self._outbox_address = f"inproc://kv-acks-{uuid.uuid4().hex}"
+        self._outbox = zmq.Context.instance().socket(zmq.PULL)
+        self._outbox.bind(self._outbox_address)
+        self._ack_sockets = threading.local()
         self._pairs: dict[str, _ReceiverPair] = {}
         self._stop = threading.Event()
         threading.Thread(target=self._control_loop, name="kv-control", daemon=True).start()
@@ -172,11 +177,12 @@ class KVReceiver:
         """Owns the ROUTER socket: routes incoming messages to pair threads, sends acks."""
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._outbox, zmq.POLLIN)
         while not self._stop.is_set():
-            while not self._outbox.empty():
-                identity, ack = self._outbox.get_nowait()
-                self._socket.send_multipart([identity, encoder.encode(ack)])
-            if not poller.poll(5):
+            ready = dict(poller.poll(100))
+            if self._outbox in ready:
+                self._socket.send_multipart(self._outbox.recv_multipart())
+            if self._socket not in ready:
                 continue
             identity, payload = self._socket.recv_multipart()
             msg = control_decoder.decode(payload)
@@ -204,12 +210,20 @@ class KVReceiver:
             except queue.Empty:
                 continue
             error = self._receive(pair, push)
-            self._outbox.put((identity, KVAckMsg(push.request_id, error)))
+            self._send_ack(identity, KVAckMsg(push.request_id, error))
             if error and "unknown request" not in error:
                 self._pairs.pop(pair.pair_id, None)  # the peer rebuilds a fresh pair
                 self._on_done(push.request_id, push, error)
                 return
             self._on_done(push.request_id, push, error)
+
+    def _send_ack(self, identity: bytes, ack: KVAckMsg) -> None:
+        sock = getattr(self._ack_sockets, "socket", None)
+        if sock is None:
+            sock = zmq.Context.instance().socket(zmq.PUSH)
+            sock.connect(self._outbox_address)
+            self._ack_sockets.socket = sock
+        sock.send_multipart([identity, encoder.encode(ack)])
 
     def _receive(self, pair: _ReceiverPair, push: KVPushMsg) -> str:
         layers, width = self._kv_shape
