@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -51,6 +51,9 @@ DEFAULT_MODEL_NAME = "moonshotai/Kimi-K2.5"
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 OWNED_BY = "moonshotai"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+RequestT = TypeVar("RequestT", bound=GenerationRequest)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ def run_gateway(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Serves the gateway with uvicorn until interrupted (the launcher runs it in its own process)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app = create_app(router_address, served_model_name, api_key, max_body_bytes)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 
@@ -124,19 +128,21 @@ def run_gateway(
 
 
 def _auth_dependency(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    expected = f"Bearer {api_key}".encode() if api_key else None
+    expected = api_key.encode() if api_key else None
 
     async def check_key(request: Request) -> None:
         if expected is None:
             return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Compare in constant time whatever the scheme, so timing says nothing about the key.
+        matches = hmac.compare_digest(token.strip().encode(), expected)
+        if not (matches and scheme.lower() == "bearer"):
             raise OpenAIError(401, "missing or invalid API key", code="invalid_api_key")
 
     return check_key
 
 
-async def _read_request(request: Request, model: type[GenerationRequest]) -> Any:
+async def _read_request(request: Request, model: type[RequestT]) -> RequestT:
     """Reads, size-checks, parses and validates a JSON body; every failure is a 4xx."""
     state: GatewayState = request.app.state.gateway
     body = await _read_body(request, state.max_body_bytes)
@@ -182,7 +188,7 @@ def _reject_constant(name: str) -> None:
 
 
 async def chat_completions(request: Request) -> Response:
-    parsed: ChatCompletionRequest = await _read_request(request, ChatCompletionRequest)
+    parsed = await _read_request(request, ChatCompletionRequest)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     call = _start(request, chat_to_proto(parsed, request_id))
     meta = (request_id, int(time.time()), request.app.state.gateway.model_name)
@@ -195,7 +201,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    parsed: CompletionRequest = await _read_request(request, CompletionRequest)
+    parsed = await _read_request(request, CompletionRequest)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     call = _start(request, completion_to_proto(parsed, request_id))
     meta = (request_id, int(time.time()), request.app.state.gateway.model_name)

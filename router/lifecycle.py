@@ -27,10 +27,12 @@ logger = logging.getLogger(__name__)
 class SampleError(Exception):
     """A sample failed; `http_status` is what the client should see."""
 
-    def __init__(self, message: str, http_status: int = 500, retry_after: int = 0) -> None:
+    def __init__(self, message: str, http_status: int = 500, retry_after: int = 0,
+                 retryable: bool = False) -> None:  # fmt: skip
         super().__init__(message)
         self.http_status = http_status
         self.retry_after = retry_after
+        self.retryable = retryable  # a worker was lost; another worker may succeed
 
 
 @dataclasses.dataclass
@@ -81,8 +83,11 @@ async def run_sample(
                 yield TokenEvent(None, chunk.finish_reason)
                 return
     except grpc.aio.AioRpcError as exc:
-        raise SampleError(f"{exc.code().name}: {exc.details()}", _status_to_http(exc.code()),
-                          1 if _status_to_http(exc.code()) == 503 else 0) from exc  # fmt: skip
+        status = _status_to_http(exc.code())
+        lost = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+                              grpc.StatusCode.UNKNOWN)  # fmt: skip
+        raise SampleError(f"{exc.code().name}: {exc.details()}", status, 1 if status == 503 else 0,
+                          retryable=lost) from exc  # fmt: skip
     finally:
         decode.num_inflight -= 1
         stream.cancel()
@@ -99,7 +104,9 @@ async def _read_or_fail(stream, prefill_call: asyncio.Future) -> pb.DecodeChunk:
         if read in done:
             chunk = read.result()
             if chunk is grpc.aio.EOF:
-                raise SampleError("decode stream ended without a finish reason", 500)
+                raise SampleError(
+                    "decode stream ended without a finish reason", 500, retryable=True
+                )
             return chunk
         if prefill_call.exception() is not None:
             read.cancel()

@@ -59,11 +59,13 @@ class ContentPart(_Model):
 
 class FunctionCall(_Model):
     name: str
-    arguments: str | dict[str, Any] | list[Any] = "{}"
+    arguments: str | dict[str, Any] | list[Any] | None = None
 
     @property
     def arguments_json(self) -> str:
         """Arguments as JSON text: a string verbatim, an object serialised like Python's json."""
+        if self.arguments is None:
+            return "{}"
         if isinstance(self.arguments, str):
             return self.arguments
         return json.dumps(self.arguments, ensure_ascii=False)

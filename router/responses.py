@@ -87,7 +87,11 @@ class _ChoiceState:
 
 
 class Collector:
-    """Accumulates one router stream into a `chat.completion` or `text_completion` object."""
+    """Accumulates one router stream into a `chat.completion` or `text_completion` object.
+
+    Limitation: `ChoiceDelta` carries no log-probabilities, so every choice answers
+    `"logprobs": null` even when the client asked for them; the wire message needs a field first.
+    """
 
     def __init__(self, n: int) -> None:
         self._choices = {i: _ChoiceState() for i in range(n)}

@@ -104,22 +104,39 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def _run_choice(self, request: pb.GenerateRequest, prompt: Prompt,
                           sampling: pb.SamplingParams, out: ChoiceOutput,
                           queue: asyncio.Queue) -> None:  # fmt: skip
+        """Runs one choice; a worker lost before the first token is retried once."""
         request_id = request.request_id if request.n <= 1 else f"{request.request_id}-{out.index}"
         try:
-            async for event in run_sample(request_id, prompt.token_ids, sampling,
-                                          self.prefill, self.decode):  # fmt: skip
-                delta = out.on_token(event.token) if event.token else None
-                if event.finish_reason or out.finished:
-                    delta = out.finish(delta, event.finish_reason)
-                if delta is not None:
-                    await queue.put(pb.GenerateChunk(choices=[delta]))
-                if out.finished:
-                    break
-        except SampleError as exc:
-            logger.warning("request %s failed: %s", request_id, exc)
-            await queue.put(error_chunk(exc.http_status, str(exc)))
+            for attempt in range(2):
+                try:
+                    await self._stream_choice(f"{request_id}{'-retry' * attempt}", prompt,
+                                              sampling, out, queue)  # fmt: skip
+                    return
+                except SampleError as exc:
+                    if attempt == 0 and out.num_tokens == 0 and exc.retryable:
+                        logger.warning("request %s lost its worker before the first token (%s); "
+                                       "retrying once", request_id, exc)  # fmt: skip
+                        continue
+                    logger.warning("request %s failed: %s", request_id, exc)
+                    message = str(exc)
+                    if out.num_tokens:
+                        message = f"the request failed after {out.num_tokens} tokens: {exc}"
+                    await queue.put(error_chunk(exc.http_status, message))
+                    return
         finally:
             await queue.put(None)
+
+    async def _stream_choice(self, request_id: str, prompt: Prompt, sampling: pb.SamplingParams,
+                             out: ChoiceOutput, queue: asyncio.Queue) -> None:  # fmt: skip
+        async for event in run_sample(request_id, prompt.token_ids, sampling,
+                                      self.prefill, self.decode):  # fmt: skip
+            delta = out.on_token(event.token) if event.token else None
+            if event.finish_reason or out.finished:
+                delta = out.finish(delta, event.finish_reason)
+            if delta is not None:
+                await queue.put(pb.GenerateChunk(choices=[delta]))
+            if out.finished:
+                return
 
     def _sampling(self, request: pb.GenerateRequest, prompt: Prompt) -> pb.SamplingParams:
         sampling = pb.SamplingParams()

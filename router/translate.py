@@ -78,6 +78,8 @@ def _common(request: GenerationRequest) -> dict:
 
 
 def _sampling(request: GenerationRequest, max_tokens: int) -> pb.SamplingParams:
+    # Limitation: `SamplingParams` cannot say "unset", so an omitted temperature becomes OpenAI's
+    # 1.0 here and the router cannot apply the checkpoint's recommended defaults instead.
     sampling = pb.SamplingParams(
         temperature=_default(request.temperature, 1.0),
         top_p=_default(request.top_p, 1.0),
