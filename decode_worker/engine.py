@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 
 from shared.kv_cache import pages_needed
 from shared.kv_transfer import TransferState
@@ -46,6 +47,7 @@ class Request:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     outputs: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     aborted: bool = False
+    reserved_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def num_tokens(self) -> int:
@@ -53,9 +55,13 @@ class Request:
 
 
 class DecodeEngine:
-    def __init__(self, runner: ModelRunner, max_running: int = 256) -> None:
+    def __init__(
+        self, runner: ModelRunner, max_running: int = 256, transfer_timeout: float = 30.0
+    ) -> None:
         self.runner = runner
         self.max_running = max_running
+        self.transfer_timeout = transfer_timeout
+        self._next_expiry_check = 0.0
         self._requests: dict[str, Request] = {}
         self._lock = threading.Lock()
         self._admit: queue.Queue[tuple[Request, Sampled]] = queue.Queue()
@@ -104,15 +110,21 @@ class DecodeEngine:
         self._wakeup.set()
 
     def abort(self, request_id: str) -> bool:
-        """Marks the request aborted; its pages are freed by whoever holds it next."""
+        """Marks the request aborted; its pages are freed by whoever holds it next.
+
+        A request still waiting for its KV is finished here, atomically with respect to the KV
+        receiver (`pages_of`), so its pages are never freed while data is written into them.
+        """
         with self._lock:
             request = self._requests.get(request_id)
             if request is None:
                 return False
             request.aborted = True
             waiting_for_kv = request.state == TransferState.RESERVED
+            if waiting_for_kv:
+                del self._requests[request_id]
         if waiting_for_kv:
-            self._finish(request, "abort", "aborted")
+            self._release(request, "abort", "aborted")
         self._wakeup.set()
         return True
 
@@ -125,6 +137,10 @@ class DecodeEngine:
         with self._lock:
             if self._requests.pop(request.request_id, None) is None:
                 return  # already finished: pages were freed then
+        self._release(request, reason, error)
+
+    def _release(self, request: Request, reason: str, error: str) -> None:
+        """Frees the pages of a request already removed from `_requests` (exactly once)."""
         self.runner.allocator.free(request.page_table)
         request.outputs.put(DecodeOutput(finish_reason=reason, error=error))
 
@@ -148,8 +164,27 @@ class DecodeEngine:
             elif self._emit(request, first):
                 self.running.append(request)
 
+    def _expire_reservations(self) -> None:
+        """Frees reservations whose KV never started arriving (the prefill side is gone)."""
+        now = time.monotonic()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + 0.5
+        with self._lock:
+            expired = [
+                r for r in self._requests.values()
+                if r.state == TransferState.RESERVED and now - r.reserved_at > self.transfer_timeout
+            ]  # fmt: skip
+            for request in expired:
+                del self._requests[request.request_id]
+        for request in expired:
+            logger.warning("request %s: no KV within %.1fs; freeing its pages", request.request_id,
+                           self.transfer_timeout)  # fmt: skip
+            self._release(request, "error", "KV transfer deadline passed before any data arrived")
+
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._expire_reservations()
             self._admit_new()
             for request in [r for r in self.running if r.aborted]:
                 self.running.remove(request)

@@ -90,7 +90,7 @@ def serve(config: WorkerConfig) -> None:
     torch.set_grad_enabled(False)
     model = load_text_model(config.model_path, dtype=getattr(torch, config.dtype))
     runner = ModelRunner(model, config.num_pages, config.page_size)
-    engine = DecodeEngine(runner)
+    engine = DecodeEngine(runner, transfer_timeout=config.kv_transfer_timeout)
     text = model.config
     receiver = KVReceiver(
         host=config.host,

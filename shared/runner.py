@@ -17,11 +17,15 @@ from shared.model.text import KimiTextModel
 
 @dataclasses.dataclass
 class SeqStep:
-    """New tokens of one sequence, to run after its first `num_cached` tokens."""
+    """New tokens of one sequence, to run after its first `num_cached` tokens.
+
+    `input_embeds` [len(token_ids), D], when given, replaces the embedding lookup of these tokens
+    (image embeddings already spliced in at the placeholder rows)."""
 
     token_ids: list[int]
     num_cached: int
     page_table: list[int]
+    input_embeds: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -56,7 +60,25 @@ class ModelRunner:
             q_lens=[len(s.token_ids) for s in steps],
             kv_lens=[s.num_cached + len(s.token_ids) for s in steps],
             page_tables=[s.page_table for s in steps],
+            input_embeds=self._input_embeds(steps),
         )
+
+    def _input_embeds(self, steps: list[SeqStep]) -> torch.Tensor | None:
+        """[T, D] when any step brings its own embeddings: theirs, token embeddings elsewhere."""
+        if all(step.input_embeds is None for step in steps):
+            return None
+        table = self.model.embed_tokens
+        rows = []
+        for step in steps:
+            if step.input_embeds is None:
+                ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)
+                with torch.no_grad():
+                    rows.append(table(ids))  # [t, D]
+                continue
+            expected = (len(step.token_ids), table.embedding_dim)
+            assert tuple(step.input_embeds.shape) == expected, step.input_embeds.shape
+            rows.append(step.input_embeds.to(self.device, table.weight.dtype))
+        return torch.cat(rows)  # [T, D]
 
     def run(self, steps: list[SeqStep], all_logits: bool = False) -> torch.Tensor:
         """Logits [B, V] (last new token of each step) or [T, V] with `all_logits`."""

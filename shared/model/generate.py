@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from shared.model.text import KimiTextModel
+from shared.model.vision import splice_image_embeds
 from shared.runner import ModelRunner, SeqStep
 
 _PAGE_SIZE = 16
@@ -14,12 +15,27 @@ def _runner_for(model: KimiTextModel, num_tokens: int) -> ModelRunner:
     return ModelRunner(model, num_pages=num_tokens // _PAGE_SIZE + 2, page_size=_PAGE_SIZE)
 
 
-def reference_logits(model: KimiTextModel, token_ids: list[int]) -> torch.Tensor:
-    """Logits [T, V] (float32) of every position of one prompt, through the paged cache."""
+def reference_logits(
+    model: KimiTextModel,
+    token_ids: list[int],
+    image_embeds: list[torch.Tensor] | None = None,
+    placeholder_id: int | None = None,
+) -> torch.Tensor:
+    """Logits [T, V] (float32) of every position of one prompt, through the paged cache.
+
+    With `image_embeds` (one [N_i, D] per image, in prompt order), the rows of the tokens equal
+    to `placeholder_id` (`ModelConfig.media_placeholder_token_id`) take the image embeddings."""
     runner = _runner_for(model, len(token_ids))
     pages: list[int] = []
     runner.ensure_pages(pages, len(token_ids))
-    return runner.run([SeqStep(list(token_ids), 0, pages)], all_logits=True)
+    embeds = None
+    if image_embeds is not None:
+        assert placeholder_id is not None, "image_embeds need the placeholder token id"
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        with torch.no_grad():
+            token_embeds = model.embed_tokens(ids)  # [T, D]
+        embeds = splice_image_embeds(token_embeds, token_ids, image_embeds, placeholder_id)
+    return runner.run([SeqStep(list(token_ids), 0, pages, embeds)], all_logits=True)
 
 
 def greedy_generate(
