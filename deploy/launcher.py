@@ -34,6 +34,7 @@ class StackConfig:
     page_size: int = 16
     kv_transfer_timeout: float = 30.0
     api_key: str | None = None
+    context_length: int = 0  # 0: the model's, capped at the router's default
     internal_host: str = "127.0.0.1"
     startup_timeout: float = 300.0
 
@@ -43,6 +44,8 @@ class Child:
     name: str
     process: subprocess.Popen
     port: int = 0
+    module: str = ""
+    args: list[str] = dataclasses.field(default_factory=list)
 
 
 class LocalStack:
@@ -63,9 +66,30 @@ class LocalStack:
         cmd = [sys.executable, "-m", module, *args]
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
                                    preexec_fn=_die_with_parent)  # fmt: skip
-        child = Child(name, process)
+        child = Child(name, process, module=module, args=args)
         self.children.append(child)
         return child
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def kill(self, name: str) -> None:
+        """Kills one child with SIGKILL (fault tests) and waits for it."""
+        child = self.child(name)
+        _signal_group(child.process, signal.SIGKILL)
+        child.process.wait()
+
+    def restart(self, name: str) -> None:
+        """Starts a dead child again on the same port, so its address stays valid."""
+        old = self.child(name)
+        assert old.process.poll() is not None, f"{name} is still running"
+        self.children.remove(old)
+        args = [a for a in old.args]
+        if "--port" in args:
+            args[args.index("--port") + 1] = str(old.port)
+        else:
+            args += ["--port", str(old.port)]
+        self._await_ready(self._spawn(name, old.module, args))
 
     def _await_ready(self, child: Child) -> None:
         deadline = time.monotonic() + self.config.startup_timeout
@@ -105,7 +129,8 @@ class LocalStack:
                 self._await_ready(child)
             addr = {w.name: f"{c.internal_host}:{w.port}" for w in workers}
             router_args = ["--model-path", c.model_path, "--host", c.internal_host,
-                           "--served-model-name", c.served_model_name]  # fmt: skip
+                           "--served-model-name", c.served_model_name,
+                           "--context-length", str(c.context_length)]  # fmt: skip
             router_args += [a for n, v in addr.items() if n.startswith("prefill")
                             for a in ("--prefill", v)]  # fmt: skip
             router_args += [a for n, v in addr.items() if n.startswith("decode")
