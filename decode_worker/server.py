@@ -20,6 +20,7 @@ from proto import kimiserve_pb2_grpc as pb_grpc
 from shared.kv_cache import OutOfPagesError
 from shared.kv_transfer import KVReceiver
 from shared.model.loader import load_text_model
+from shared.registration import load_of, register_and_beat
 from shared.runner import ModelRunner
 from shared.settings import WorkerConfig, parse_worker_config
 from shared.wire import GRPC_OPTIONS, sampling_from_proto, token_to_proto
@@ -105,7 +106,8 @@ def serve(config: WorkerConfig) -> None:
     )
     engine.start()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=GRPC_OPTIONS)
-    pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(config, engine, receiver), server)
+    servicer = DecodeServicer(config, engine, receiver)
+    pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     server.start()
     logger.info(
@@ -113,6 +115,9 @@ def serve(config: WorkerConfig) -> None:
         config.worker_id, config.host, port, config.num_pages, config.page_size,
         runner.cache.bytes_per_token(),
     )  # fmt: skip
+    if config.router_address:
+        register_and_beat(config.router_address, "decode", config.worker_id,
+                          f"{config.host}:{port}", lambda: load_of(servicer.Status(None, None)))  # fmt: skip
     sys.stdout.write(f"READY {port}\n")
     sys.stdout.flush()
     server.wait_for_termination()

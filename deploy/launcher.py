@@ -19,6 +19,11 @@ import subprocess
 import sys
 import time
 
+import grpc
+
+from proto import control_pb2 as ctl
+from proto import control_pb2_grpc as ctl_grpc
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,6 +39,7 @@ class StackConfig:
     page_size: int = 16
     kv_transfer_timeout: float = 30.0
     api_key: str | None = None
+    policy: str = "round_robin"
     context_length: int = 0  # 0: the model's, capped at the router's default
     internal_host: str = "127.0.0.1"
     startup_timeout: float = 300.0
@@ -48,12 +54,16 @@ class Child:
     args: list[str] = dataclasses.field(default_factory=list)
 
 
+ROLE_MODULES = {"decode": "decode_worker.server", "prefill": "prefill_worker.server"}
+
+
 class LocalStack:
     """The processes of one stack; use as a context manager or call `start` / `stop`."""
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.children: list[Child] = []
+        self.router_address = ""
 
     def __enter__(self) -> LocalStack:
         self.start()
@@ -109,43 +119,66 @@ class LocalStack:
     def _worker_args(self, worker_id: str) -> list[str]:
         c = self.config
         return ["--model-path", c.model_path, "--worker-id", worker_id, "--host", c.internal_host,
+                "--router-address", self.router_address,
                 "--num-pages", str(c.num_pages), "--page-size", str(c.page_size),
                 "--kv-transfer-timeout", str(c.kv_transfer_timeout)]  # fmt: skip
 
     def start(self) -> None:
         c = self.config
         try:
-            workers = [
-                self._spawn(f"decode-{i}", "decode_worker.server", self._worker_args(f"decode-{i}"))
-                for i in range(c.num_decode)
-            ]
-            workers += [
-                self._spawn(
-                    f"prefill-{i}", "prefill_worker.server", self._worker_args(f"prefill-{i}")
-                )
-                for i in range(c.num_prefill)
-            ]
-            for child in workers:
-                self._await_ready(child)
-            addr = {w.name: f"{c.internal_host}:{w.port}" for w in workers}
             router_args = ["--model-path", c.model_path, "--host", c.internal_host,
-                           "--served-model-name", c.served_model_name,
+                           "--served-model-name", c.served_model_name, "--policy", c.policy,
                            "--context-length", str(c.context_length)]  # fmt: skip
-            router_args += [a for n, v in addr.items() if n.startswith("prefill")
-                            for a in ("--prefill", v)]  # fmt: skip
-            router_args += [a for n, v in addr.items() if n.startswith("decode")
-                            for a in ("--decode", v)]  # fmt: skip
             router = self._spawn("router", "router.server", router_args)
             self._await_ready(router)
+            self.router_address = f"{c.internal_host}:{router.port}"
+            self.scale({"decode": c.num_decode, "prefill": c.num_prefill})
             gateway_args = ["--host", c.host, "--port", str(c.port), "--router",
-                            f"{c.internal_host}:{router.port}",
-                            "--served-model-name", c.served_model_name]  # fmt: skip
+                            self.router_address, "--served-model-name", c.served_model_name]  # fmt: skip
             if c.api_key:
                 gateway_args += ["--api-key", c.api_key]
             self._await_ready(self._spawn("gateway", "router.gateway_main", gateway_args))
         except BaseException:
             self.stop()
             raise
+
+    def workers(self, role: str) -> list[Child]:
+        return [c for c in self.children if c.name.startswith(f"{role}-")]
+
+    def scale(self, sizes: dict[str, int]) -> dict[str, int]:
+        """Grows or shrinks pools to `sizes` while serving; a leaving worker drains first.
+
+        New workers register with the router before they report ready. Shrinking removes the
+        newest workers: the router stops routing to one, waits for its requests to finish, then
+        the process is stopped and forgotten.
+        """
+        spawned = []
+        for role, size in sizes.items():
+            current = self.workers(role)
+            next_index = max((int(c.name.rsplit("-", 1)[1]) + 1 for c in current), default=0)
+            for i in range(next_index, next_index + max(0, size - len(current))):
+                name = f"{role}-{i}"
+                spawned.append(self._spawn(name, ROLE_MODULES[role], self._worker_args(name)))
+            for child in current[size:][::-1] if size < len(current) else []:
+                self._retire(child)
+        for child in spawned:
+            self._await_ready(child)
+        if spawned or sizes:
+            logger.info("pool sizes: %s", {r: len(self.workers(r)) for r in ROLE_MODULES})
+        return {role: len(self.workers(role)) for role in ROLE_MODULES}
+
+    def _retire(self, child: Child) -> None:
+        with grpc.insecure_channel(self.router_address) as channel:
+            control = ctl_grpc.ControlStub(channel)
+            drained = control.Drain(ctl.DrainRequest(worker_id=child.name, timeout_s=120.0))
+            if not drained.drained:
+                logger.warning("%s still had %d requests after draining; stopping it anyway",
+                               child.name, drained.num_inflight)  # fmt: skip
+            _signal_group(child.process, signal.SIGTERM)
+            child.process.wait(10)
+            control.Remove(ctl.RemoveRequest(worker_id=child.name))
+        self.children.remove(child)
+        logger.info("%s left its pool", child.name)
 
     @property
     def base_url(self) -> str:

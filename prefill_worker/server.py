@@ -15,11 +15,14 @@ import grpc
 import torch
 
 from prefill_worker.engine import PrefillEngine, PrefillJob
+from prefill_worker.vision_client import VisionClient, VisionFetchError
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
+from shared.config import ModelConfig
 from shared.kv_transfer import KVSender, TransferError
 from shared.messages import KVPushMsg
 from shared.model.loader import load_text_model
+from shared.registration import load_of, register_and_beat
 from shared.runner import ModelRunner
 from shared.settings import WorkerConfig, parse_worker_config
 from shared.wire import GRPC_OPTIONS, sampling_from_proto, token_to_proto
@@ -32,11 +35,17 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         self.config = config
         self.engine = engine
         self.sender = sender
+        placeholder_id = ModelConfig.from_dir(config.model_path).media_placeholder_token_id
+        self.vision = VisionClient(engine.runner.model.embed_tokens, placeholder_id)
 
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext):
         started = time.perf_counter()
         job = PrefillJob(request.request_id, list(request.prompt_token_ids),
                          sampling_from_proto(request.sampling))  # fmt: skip
+        try:  # image embeddings come straight from the vision worker, on this handler thread
+            job.input_embeds = self.vision.prompt_embeds(request.images, job.prompt_ids)
+        except VisionFetchError as exc:
+            context.abort(exc.code, str(exc))
         try:
             future = self.engine.submit(job)
         except ValueError as exc:
@@ -86,10 +95,14 @@ def serve(config: WorkerConfig) -> None:
     engine.start()
     sender = KVSender(config.worker_id, config.kv_transfer_timeout)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=GRPC_OPTIONS)
-    pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(config, engine, sender), server)
+    servicer = PrefillServicer(config, engine, sender)
+    pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     server.start()
     logger.info("prefill worker %s ready on %s:%d", config.worker_id, config.host, port)
+    if config.router_address:
+        register_and_beat(config.router_address, "prefill", config.worker_id,
+                          f"{config.host}:{port}", lambda: load_of(servicer.Status(None, None)))  # fmt: skip
     sys.stdout.write(f"READY {port}\n")
     sys.stdout.flush()
     server.wait_for_termination()

@@ -1,4 +1,4 @@
-"""Regenerate the protobuf and gRPC modules from `kimiserve.proto`.
+"""Regenerate the protobuf and gRPC modules from the `.proto` files in `PROTO_FILES`.
 
 The generated modules are committed; `tests/test_proto.py` fails when they are stale.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_DIR = Path(__file__).resolve().parent
-PROTO_FILES = ["kimiserve.proto"]
+PROTO_FILES = ["kimiserve.proto", "control.proto", "vision.proto"]
 
 
 def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
@@ -32,16 +32,14 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
     written = []
     for name in PROTO_FILES:
         stem = name.removesuffix(".proto")
-        grpc_module = out_dir / f"{stem}_pb2_grpc.py"
-        # protoc emits a top-level import; the modules live inside the `proto` package.
-        text = re.sub(
-            rf"^import {stem}_pb2",
-            f"from proto import {stem}_pb2",
-            grpc_module.read_text(),
-            flags=re.M,
-        )
-        grpc_module.write_text(text)
-        written += [out_dir / f"{stem}_pb2.py", out_dir / f"{stem}_pb2.pyi", grpc_module]
+        written += [out_dir / f"{stem}_pb2{ext}" for ext in (".py", ".pyi", "_grpc.py")]
+    stems = "|".join(name.removesuffix(".proto") for name in PROTO_FILES)
+    for module in written:
+        # protoc emits top-level imports of its own modules (the gRPC module's, and those of
+        # imported .proto files); the modules live inside the `proto` package.
+        text = re.sub(rf"^import ({stems})_pb2", r"from proto import \1_pb2", module.read_text(),
+                      flags=re.M)  # fmt: skip
+        module.write_text(text)
     return written
 
 

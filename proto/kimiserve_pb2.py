@@ -22,67 +22,80 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from proto import vision_pb2 as vision__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fkimiserve.proto\x12\tkimiserve\"\xa7\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\t \x01(\x05\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\x05\x12\x10\n\x08logprobs\x18\r \x01(\x08\x42\x07\n\x05_seed\"<\n\x0b\x43ontentPart\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\timage_url\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xe7\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x14\n\x07\x63ontent\x18\x02 \x01(\tH\x00\x88\x01\x01\x12%\n\x05parts\x18\x03 \x03(\x0b\x32\x16.kimiserve.ContentPart\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x1e\n\x11reasoning_content\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\'\n\ntool_calls\x18\x07 \x03(\x0b\x32\x13.kimiserve.ToolCallB\n\n\x08_contentB\x14\n\x12_reasoning_content\"\xe1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.kimiserve.ChatMessage\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kimiserve.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\x05\x12\x12\n\ntools_json\x18\x07 \x01(\t\x12\x18\n\x10tool_choice_json\x18\x08 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\t \x01(\t\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x1b\n\x13skip_special_tokens\x18\x0b \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x42\t\n\x07_prompt\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xa0\x01\n\x0b\x43hoiceDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x19\n\x11reasoning_content\x18\x03 \x01(\t\x12,\n\ntool_calls\x18\x04 \x03(\x0b\x32\x18.kimiserve.ToolCallDelta\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\"j\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x18\n\x10reasoning_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"z\n\rGenerateChunk\x12\'\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x16.kimiserve.ChoiceDelta\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kimiserve.Usage\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.kimiserve.Error\"X\n\x05\x45rror\x12\x13\n\x0bhttp_status\x18\x01 \x01(\x05\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05param\x18\x04 \x01(\t\x12\x0c\n\x04\x63ode\x18\x05 \x01(\t\"\x0f\n\rHealthRequest\"D\n\nPoolStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12(\n\x07workers\x18\x02 \x03(\x0b\x32\x17.kimiserve.WorkerStatus\"u\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12$\n\x05pools\x18\x02 \x03(\x0b\x32\x15.kimiserve.PoolStatus\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x1a\n\x12max_context_length\x18\x04 \x01(\x05\"\x9c\x01\n\x12TransferDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x1a\n\x12rendezvous_address\x18\x05 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x06 \x01(\t\"j\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kimiserve.SamplingParams\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0bTokenOutput\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.kimiserve.TokenLogprob\"\x9a\x01\n\x0b\x44\x65\x63odeChunk\x12\x34\n\x0breservation\x18\x01 \x01(\x0b\x32\x1d.kimiserve.TransferDescriptorH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.kimiserve.TokenOutputH\x00\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\tB\x06\n\x04kind\"\x9f\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kimiserve.SamplingParams\x12\x32\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x1d.kimiserve.TransferDescriptor\"q\n\x0fPrefillResponse\x12+\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x16.kimiserve.TokenOutput\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x02\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xaa\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x16\n\x0enum_free_pages\x18\x05 \x01(\x05\x12\x17\n\x0fnum_total_pages\x18\x06 \x01(\x05\x12\x13\n\x0bnum_running\x18\x07 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\x05\x32\x8b\x01\n\x06Router\x12\x42\n\x08Generate\x12\x1a.kimiserve.GenerateRequest\x1a\x18.kimiserve.GenerateChunk0\x01\x12=\n\x06Health\x12\x18.kimiserve.HealthRequest\x1a\x19.kimiserve.HealthResponse2\xca\x01\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.kimiserve.PrefillRequest\x1a\x1a.kimiserve.PrefillResponse\x12:\n\x05\x41\x62ort\x12\x17.kimiserve.AbortRequest\x1a\x18.kimiserve.AbortResponse\x12;\n\x06Status\x12\x18.kimiserve.StatusRequest\x1a\x17.kimiserve.WorkerStatus2\xc7\x01\n\x0c\x44\x65\x63odeWorker\x12>\n\x08Generate\x12\x18.kimiserve.DecodeRequest\x1a\x16.kimiserve.DecodeChunk0\x01\x12:\n\x05\x41\x62ort\x12\x17.kimiserve.AbortRequest\x1a\x18.kimiserve.AbortResponse\x12;\n\x06Status\x12\x18.kimiserve.StatusRequest\x1a\x17.kimiserve.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fkimiserve.proto\x12\tkimiserve\x1a\x0cvision.proto\"\xba\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x12\n\nmax_tokens\x18\t \x01(\x05\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\x05\x12\x10\n\x08logprobs\x18\r \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"<\n\x0b\x43ontentPart\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\timage_url\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xe7\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x14\n\x07\x63ontent\x18\x02 \x01(\tH\x00\x88\x01\x01\x12%\n\x05parts\x18\x03 \x03(\x0b\x32\x16.kimiserve.ContentPart\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x1e\n\x11reasoning_content\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\'\n\ntool_calls\x18\x07 \x03(\x0b\x32\x13.kimiserve.ToolCallB\n\n\x08_contentB\x14\n\x12_reasoning_content\"\xb5\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.kimiserve.ChatMessage\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kimiserve.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\x05\x12\x12\n\ntools_json\x18\x07 \x01(\t\x12\x18\n\x10tool_choice_json\x18\x08 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\t \x01(\t\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x1b\n\x13skip_special_tokens\x18\x0b \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12 \n\x13parallel_tool_calls\x18\r \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x10max_tokens_param\x18\x0e \x01(\tB\t\n\x07_promptB\x16\n\x14_parallel_tool_calls\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"U\n\x0cLogprobToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\"b\n\x10PositionLogprobs\x12(\n\x07sampled\x18\x01 \x01(\x0b\x32\x17.kimiserve.LogprobToken\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.kimiserve.LogprobToken\"\xee\x01\n\x0b\x43hoiceDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x19\n\x11reasoning_content\x18\x03 \x01(\t\x12,\n\ntool_calls\x18\x04 \x03(\x0b\x32\x18.kimiserve.ToolCallDelta\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.kimiserve.PositionLogprobs\x12\x1d\n\x15unfinished_tool_calls\x18\x08 \x03(\x05\"j\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x18\n\x10reasoning_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"z\n\rGenerateChunk\x12\'\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x16.kimiserve.ChoiceDelta\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kimiserve.Usage\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.kimiserve.Error\"u\n\x05\x45rror\x12\x13\n\x0bhttp_status\x18\x01 \x01(\x05\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05param\x18\x04 \x01(\t\x12\x0c\n\x04\x63ode\x18\x05 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x06 \x01(\x05\"\xeb\x01\n\x0fTokenizeRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kimiserve.ChatMessage\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\ntools_json\x18\x03 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x04 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x06 \x01(\x08\x42\t\n\x07_promptB\x18\n\x16_add_generation_prompt\"|\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\ntoken_strs\x18\x04 \x03(\t\x12\x1f\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x10.kimiserve.Error\"#\n\x11\x44\x65tokenizeRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"E\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.kimiserve.Error\"\x0f\n\rHealthRequest\"D\n\nPoolStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12(\n\x07workers\x18\x02 \x03(\x0b\x32\x17.kimiserve.WorkerStatus\"u\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12$\n\x05pools\x18\x02 \x03(\x0b\x32\x15.kimiserve.PoolStatus\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x1a\n\x12max_context_length\x18\x04 \x01(\x05\"\x9c\x01\n\x12TransferDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x10\n\x08page_ids\x18\x03 \x03(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x1a\n\x12rendezvous_address\x18\x05 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x06 \x01(\t\"j\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kimiserve.SamplingParams\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0bTokenOutput\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.kimiserve.TokenLogprob\"\x9a\x01\n\x0b\x44\x65\x63odeChunk\x12\x34\n\x0breservation\x18\x01 \x01(\x0b\x32\x1d.kimiserve.TransferDescriptorH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.kimiserve.TokenOutputH\x00\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\tB\x06\n\x04kind\"\xcc\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kimiserve.SamplingParams\x12\x32\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x1d.kimiserve.TransferDescriptor\x12+\n\x06images\x18\x05 \x01(\x0b\x32\x1b.kimiserve.vision.ImageRefs\"q\n\x0fPrefillResponse\x12+\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x16.kimiserve.TokenOutput\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x02\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xaa\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x16\n\x0enum_free_pages\x18\x05 \x01(\x05\x12\x17\n\x0fnum_total_pages\x18\x06 \x01(\x05\x12\x13\n\x0bnum_running\x18\x07 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\x05\x32\x9b\x02\n\x06Router\x12\x42\n\x08Generate\x12\x1a.kimiserve.GenerateRequest\x1a\x18.kimiserve.GenerateChunk0\x01\x12=\n\x06Health\x12\x18.kimiserve.HealthRequest\x1a\x19.kimiserve.HealthResponse\x12\x43\n\x08Tokenize\x12\x1a.kimiserve.TokenizeRequest\x1a\x1b.kimiserve.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.kimiserve.DetokenizeRequest\x1a\x1d.kimiserve.DetokenizeResponse2\xca\x01\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.kimiserve.PrefillRequest\x1a\x1a.kimiserve.PrefillResponse\x12:\n\x05\x41\x62ort\x12\x17.kimiserve.AbortRequest\x1a\x18.kimiserve.AbortResponse\x12;\n\x06Status\x12\x18.kimiserve.StatusRequest\x1a\x17.kimiserve.WorkerStatus2\xc7\x01\n\x0c\x44\x65\x63odeWorker\x12>\n\x08Generate\x12\x18.kimiserve.DecodeRequest\x1a\x16.kimiserve.DecodeChunk0\x01\x12:\n\x05\x41\x62ort\x12\x17.kimiserve.AbortRequest\x1a\x18.kimiserve.AbortResponse\x12;\n\x06Status\x12\x18.kimiserve.StatusRequest\x1a\x17.kimiserve.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kimiserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLINGPARAMS']._serialized_start=31
-  _globals['_SAMPLINGPARAMS']._serialized_end=326
-  _globals['_CONTENTPART']._serialized_start=328
-  _globals['_CONTENTPART']._serialized_end=388
-  _globals['_TOOLCALL']._serialized_start=390
-  _globals['_TOOLCALL']._serialized_end=445
-  _globals['_CHATMESSAGE']._serialized_start=448
-  _globals['_CHATMESSAGE']._serialized_end=679
-  _globals['_GENERATEREQUEST']._serialized_start=682
-  _globals['_GENERATEREQUEST']._serialized_end=1035
-  _globals['_TOOLCALLDELTA']._serialized_start=1037
-  _globals['_TOOLCALLDELTA']._serialized_end=1112
-  _globals['_CHOICEDELTA']._serialized_start=1115
-  _globals['_CHOICEDELTA']._serialized_end=1275
-  _globals['_USAGE']._serialized_start=1277
-  _globals['_USAGE']._serialized_end=1383
-  _globals['_GENERATECHUNK']._serialized_start=1385
-  _globals['_GENERATECHUNK']._serialized_end=1507
-  _globals['_ERROR']._serialized_start=1509
-  _globals['_ERROR']._serialized_end=1597
-  _globals['_HEALTHREQUEST']._serialized_start=1599
-  _globals['_HEALTHREQUEST']._serialized_end=1614
-  _globals['_POOLSTATUS']._serialized_start=1616
-  _globals['_POOLSTATUS']._serialized_end=1684
-  _globals['_HEALTHRESPONSE']._serialized_start=1686
-  _globals['_HEALTHRESPONSE']._serialized_end=1803
-  _globals['_TRANSFERDESCRIPTOR']._serialized_start=1806
-  _globals['_TRANSFERDESCRIPTOR']._serialized_end=1962
-  _globals['_DECODEREQUEST']._serialized_start=1964
-  _globals['_DECODEREQUEST']._serialized_end=2070
-  _globals['_TOKENLOGPROB']._serialized_start=2072
-  _globals['_TOKENLOGPROB']._serialized_end=2121
-  _globals['_TOKENOUTPUT']._serialized_start=2123
-  _globals['_TOKENOUTPUT']._serialized_end=2218
-  _globals['_DECODECHUNK']._serialized_start=2221
-  _globals['_DECODECHUNK']._serialized_end=2375
-  _globals['_PREFILLREQUEST']._serialized_start=2378
-  _globals['_PREFILLREQUEST']._serialized_end=2537
-  _globals['_PREFILLRESPONSE']._serialized_start=2539
-  _globals['_PREFILLRESPONSE']._serialized_end=2652
-  _globals['_ABORTREQUEST']._serialized_start=2654
-  _globals['_ABORTREQUEST']._serialized_end=2688
-  _globals['_ABORTRESPONSE']._serialized_start=2690
-  _globals['_ABORTRESPONSE']._serialized_end=2720
-  _globals['_STATUSREQUEST']._serialized_start=2722
-  _globals['_STATUSREQUEST']._serialized_end=2737
-  _globals['_WORKERSTATUS']._serialized_start=2740
-  _globals['_WORKERSTATUS']._serialized_end=2910
-  _globals['_ROUTER']._serialized_start=2913
-  _globals['_ROUTER']._serialized_end=3052
-  _globals['_PREFILLWORKER']._serialized_start=3055
-  _globals['_PREFILLWORKER']._serialized_end=3257
-  _globals['_DECODEWORKER']._serialized_start=3260
-  _globals['_DECODEWORKER']._serialized_end=3459
+  _globals['_SAMPLINGPARAMS']._serialized_start=45
+  _globals['_SAMPLINGPARAMS']._serialized_end=487
+  _globals['_CONTENTPART']._serialized_start=489
+  _globals['_CONTENTPART']._serialized_end=549
+  _globals['_TOOLCALL']._serialized_start=551
+  _globals['_TOOLCALL']._serialized_end=606
+  _globals['_CHATMESSAGE']._serialized_start=609
+  _globals['_CHATMESSAGE']._serialized_end=840
+  _globals['_GENERATEREQUEST']._serialized_start=843
+  _globals['_GENERATEREQUEST']._serialized_end=1280
+  _globals['_TOOLCALLDELTA']._serialized_start=1282
+  _globals['_TOOLCALLDELTA']._serialized_end=1357
+  _globals['_LOGPROBTOKEN']._serialized_start=1359
+  _globals['_LOGPROBTOKEN']._serialized_end=1444
+  _globals['_POSITIONLOGPROBS']._serialized_start=1446
+  _globals['_POSITIONLOGPROBS']._serialized_end=1544
+  _globals['_CHOICEDELTA']._serialized_start=1547
+  _globals['_CHOICEDELTA']._serialized_end=1785
+  _globals['_USAGE']._serialized_start=1787
+  _globals['_USAGE']._serialized_end=1893
+  _globals['_GENERATECHUNK']._serialized_start=1895
+  _globals['_GENERATECHUNK']._serialized_end=2017
+  _globals['_ERROR']._serialized_start=2019
+  _globals['_ERROR']._serialized_end=2136
+  _globals['_TOKENIZEREQUEST']._serialized_start=2139
+  _globals['_TOKENIZEREQUEST']._serialized_end=2374
+  _globals['_TOKENIZERESPONSE']._serialized_start=2376
+  _globals['_TOKENIZERESPONSE']._serialized_end=2500
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2502
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2537
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2539
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2608
+  _globals['_HEALTHREQUEST']._serialized_start=2610
+  _globals['_HEALTHREQUEST']._serialized_end=2625
+  _globals['_POOLSTATUS']._serialized_start=2627
+  _globals['_POOLSTATUS']._serialized_end=2695
+  _globals['_HEALTHRESPONSE']._serialized_start=2697
+  _globals['_HEALTHRESPONSE']._serialized_end=2814
+  _globals['_TRANSFERDESCRIPTOR']._serialized_start=2817
+  _globals['_TRANSFERDESCRIPTOR']._serialized_end=2973
+  _globals['_DECODEREQUEST']._serialized_start=2975
+  _globals['_DECODEREQUEST']._serialized_end=3081
+  _globals['_TOKENLOGPROB']._serialized_start=3083
+  _globals['_TOKENLOGPROB']._serialized_end=3132
+  _globals['_TOKENOUTPUT']._serialized_start=3134
+  _globals['_TOKENOUTPUT']._serialized_end=3229
+  _globals['_DECODECHUNK']._serialized_start=3232
+  _globals['_DECODECHUNK']._serialized_end=3386
+  _globals['_PREFILLREQUEST']._serialized_start=3389
+  _globals['_PREFILLREQUEST']._serialized_end=3593
+  _globals['_PREFILLRESPONSE']._serialized_start=3595
+  _globals['_PREFILLRESPONSE']._serialized_end=3708
+  _globals['_ABORTREQUEST']._serialized_start=3710
+  _globals['_ABORTREQUEST']._serialized_end=3744
+  _globals['_ABORTRESPONSE']._serialized_start=3746
+  _globals['_ABORTRESPONSE']._serialized_end=3776
+  _globals['_STATUSREQUEST']._serialized_start=3778
+  _globals['_STATUSREQUEST']._serialized_end=3793
+  _globals['_WORKERSTATUS']._serialized_start=3796
+  _globals['_WORKERSTATUS']._serialized_end=3966
+  _globals['_ROUTER']._serialized_start=3969
+  _globals['_ROUTER']._serialized_end=4252
+  _globals['_PREFILLWORKER']._serialized_start=4255
+  _globals['_PREFILLWORKER']._serialized_end=4457
+  _globals['_DECODEWORKER']._serialized_start=4460
+  _globals['_DECODEWORKER']._serialized_end=4659
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,16 @@ class RouterStub:
                 request_serializer=kimiserve__pb2.HealthRequest.SerializeToString,
                 response_deserializer=kimiserve__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/kimiserve.Router/Tokenize',
+                request_serializer=kimiserve__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=kimiserve__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/kimiserve.Router/Detokenize',
+                request_serializer=kimiserve__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=kimiserve__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -61,6 +71,18 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +95,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=kimiserve__pb2.HealthRequest.FromString,
                     response_serializer=kimiserve__pb2.HealthResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=kimiserve__pb2.TokenizeRequest.FromString,
+                    response_serializer=kimiserve__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=kimiserve__pb2.DetokenizeRequest.FromString,
+                    response_serializer=kimiserve__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +161,60 @@ class Router:
             '/kimiserve.Router/Health',
             kimiserve__pb2.HealthRequest.SerializeToString,
             kimiserve__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kimiserve.Router/Tokenize',
+            kimiserve__pb2.TokenizeRequest.SerializeToString,
+            kimiserve__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kimiserve.Router/Detokenize',
+            kimiserve__pb2.DetokenizeRequest.SerializeToString,
+            kimiserve__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,16 +55,25 @@ async def run_sample(
     sampling: pb.SamplingParams,
     prefill_pool: Pool,
     decode_pool: Pool,
+    exclude: frozenset[str] = frozenset(),
 ) -> AsyncIterator[TokenEvent]:
-    decode, prefill = decode_pool.pick(), prefill_pool.pick()
+    """Yields the sample's tokens, then one event with the finish reason.
+
+    `exclude` names workers to avoid when others are ready (a retry after a lost worker).
+    """
+    decode = decode_pool.pick(prompt_ids, exclude)
+    prefill = prefill_pool.pick(prompt_ids, exclude)
     if decode is None or prefill is None:
-        raise SampleError("no worker available in the prefill or decode pool", 503, 1)
+        empty = "decode" if decode is None else "prefill"
+        raise SampleError(f"no {empty} worker is available; retry later", 503, 1, retryable=False)
     decode_req = pb.DecodeRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling
     )
     stream = decode.stub.Generate(decode_req)
     prefill_call = None
-    decode.num_inflight += 1
+    for worker in (decode, prefill):
+        worker.num_inflight += 1
+        worker.num_served += 1
     try:
         first = await stream.read()
         if first is grpc.aio.EOF or not first.HasField("reservation"):
@@ -72,6 +81,7 @@ async def run_sample(
         prefill_req = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                                         sampling=sampling, destination=first.reservation)  # fmt: skip
         prefill_call = asyncio.ensure_future(prefill.stub.Prefill(prefill_req))
+        prefill_call.add_done_callback(lambda _: _release(prefill))
         prefill_call.add_done_callback(lambda f: f.cancelled() or f.exception())
         while True:
             chunk = await _read_or_fail(stream, prefill_call)
@@ -90,9 +100,15 @@ async def run_sample(
                           retryable=lost) from exc  # fmt: skip
     finally:
         decode.num_inflight -= 1
+        if prefill_call is None:
+            _release(prefill)
         stream.cancel()
         if prefill_call is not None and not prefill_call.done():
             prefill_call.cancel()
+
+
+def _release(worker) -> None:
+    worker.num_inflight -= 1
 
 
 async def _read_or_fail(stream, prefill_call: asyncio.Future) -> pb.DecodeChunk:

@@ -1,52 +1,184 @@
-"""Worker pools as the router sees them: addresses, gRPC stubs and a routing policy.
+"""Worker pools as the router sees them: live workers with health state, and routing policies.
 
-Limitation: pools are fixed at start from the launcher's command line; workers do not yet
-register themselves or send heartbeats, so a lost worker stays in rotation.
+Workers register with the router (`Control.Register`) and send heartbeats with their load; a
+worker whose heartbeats stop for `lost_after_s` leaves the rotation (state "lost") until it
+beats again. Workers given on the router's command line are static: they never expire. A
+"draining" worker finishes what it has and takes nothing new.
+
+Policies (`--policy`): `round_robin`; `least_load` (fewest requests in flight, then most free
+pages); `prefix_aware` (prefill: the worker that most recently served the longest matching
+prompt prefix, else least load; decode: least load).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import time
+from collections import OrderedDict
 
 import grpc
 
+from proto import control_pb2 as ctl
 from proto import kimiserve_pb2_grpc as pb_grpc
 from shared.wire import GRPC_OPTIONS
+
+POLICIES = ("round_robin", "least_load", "prefix_aware")
+PREFIX_BLOCK = 16  # tokens per hashed prefix block
+MAX_PREFIX_ENTRIES = 100_000
 
 
 @dataclasses.dataclass
 class Worker:
+    role: str
     worker_id: str
     address: str
     channel: grpc.aio.Channel
     stub: object
+    static: bool = False
+    state: str = "ready"
+    load: ctl.WorkerLoad = dataclasses.field(default_factory=ctl.WorkerLoad)
+    last_heartbeat: float = dataclasses.field(default_factory=time.monotonic)
     num_inflight: int = 0
+    num_served: int = 0
+
+    def info(self) -> ctl.WorkerInfo:
+        return ctl.WorkerInfo(
+            role=self.role, worker_id=self.worker_id, address=self.address, state=self.state,
+            load=self.load, num_inflight=self.num_inflight, num_served=self.num_served,
+            seconds_since_heartbeat=time.monotonic() - self.last_heartbeat,
+        )  # fmt: skip
+
+
+def prefix_hashes(token_ids: list[int]) -> list[bytes]:
+    """Chained hashes of each full block of `PREFIX_BLOCK` tokens (a prefix's identity)."""
+    hashes, digest = [], b""
+    for start in range(0, len(token_ids) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
+        block = ",".join(map(str, token_ids[start : start + PREFIX_BLOCK])).encode()
+        digest = hashlib.blake2b(digest + block, digest_size=16).digest()
+        hashes.append(digest)
+    return hashes
+
+
+class PrefixIndex:
+    """An approximate radix tree: prefix block hash -> the worker that last prefilled it (LRU)."""
+
+    def __init__(self, max_entries: int = MAX_PREFIX_ENTRIES) -> None:
+        self._owner: OrderedDict[bytes, str] = OrderedDict()
+        self.max_entries = max_entries
+
+    def match(self, hashes: list[bytes], candidates: set[str]) -> tuple[str | None, int]:
+        """The candidate holding the longest prefix, and how many blocks it matches."""
+        best, length = None, 0
+        for i, digest in enumerate(hashes):
+            owner = self._owner.get(digest)
+            if owner is None:
+                break
+            if owner in candidates:
+                best, length = owner, i + 1
+        return best, length
+
+    def record(self, hashes: list[bytes], worker_id: str) -> None:
+        for digest in hashes:
+            self._owner[digest] = worker_id
+            self._owner.move_to_end(digest)
+        while len(self._owner) > self.max_entries:
+            self._owner.popitem(last=False)
 
 
 class Pool:
-    """A round-robin pool of one role's workers."""
+    """The live workers of one role."""
 
-    def __init__(self, role: str, stub_class: type, addresses: list[str]) -> None:
+    def __init__(self, role: str, stub_class: type, policy: str = "round_robin") -> None:
+        assert policy in POLICIES, f"unknown policy {policy!r}; choose from {POLICIES}"
         self.role = role
-        self.workers = []
-        for i, address in enumerate(addresses):
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-            self.workers.append(Worker(f"{role}-{i}", address, channel, stub_class(channel)))
-        self._cycle = itertools.cycle(range(len(self.workers))) if self.workers else None
+        self.stub_class = stub_class
+        self.policy = policy
+        self._workers: dict[str, Worker] = {}
+        self._turn = itertools.count()
+        self.prefixes = PrefixIndex()
 
-    def pick(self) -> Worker | None:
-        if self._cycle is None:
+    @property
+    def workers(self) -> list[Worker]:
+        return list(self._workers.values())
+
+    def get(self, worker_id: str) -> Worker | None:
+        return self._workers.get(worker_id)
+
+    def add(self, worker_id: str, address: str, static: bool = False) -> Worker:
+        old = self._workers.get(worker_id)
+        if old is not None and old.address == address:
+            old.state, old.last_heartbeat = "ready", time.monotonic()
+            return old
+        channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        worker = Worker(self.role, worker_id, address, channel, self.stub_class(channel), static)
+        self._workers[worker_id] = worker
+        return worker
+
+    def remove(self, worker_id: str) -> Worker | None:
+        return self._workers.pop(worker_id, None)
+
+    def heartbeat(self, worker_id: str, load: ctl.WorkerLoad) -> bool:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.load, worker.last_heartbeat = load, time.monotonic()
+        if worker.state == "lost":
+            worker.state = "ready"
+        return True
+
+    def expire(self, lost_after_s: float) -> list[Worker]:
+        """Marks workers without a recent heartbeat as lost; returns the newly lost ones."""
+        now, lost = time.monotonic(), []
+        for worker in self._workers.values():
+            stale = now - worker.last_heartbeat > lost_after_s
+            if not worker.static and worker.state == "ready" and stale:
+                worker.state = "lost"
+                lost.append(worker)
+        return lost
+
+    def pick(self, prompt_ids: list[int] | None = None, exclude: frozenset[str] = frozenset()
+             ) -> Worker | None:  # fmt: skip
+        ready = [w for w in self._workers.values() if w.state == "ready"]
+        ready = [w for w in ready if w.worker_id not in exclude] or ready
+        if not ready:
             return None
-        return self.workers[next(self._cycle)]
+        if self.policy == "round_robin":
+            return ready[next(self._turn) % len(ready)]
+        if self.policy == "prefix_aware" and self.role == "prefill" and prompt_ids:
+            hashes = prefix_hashes(prompt_ids)
+            owner, _ = self.prefixes.match(hashes, {w.worker_id for w in ready})
+            worker = self._workers[owner] if owner else self._least_loaded(ready)
+            self.prefixes.record(hashes, worker.worker_id)
+            return worker
+        return self._least_loaded(ready)
+
+    def _least_loaded(self, ready: list[Worker]) -> Worker:
+        def cost(w: Worker) -> tuple[int, float, int]:
+            free = w.load.num_free_pages / w.load.num_total_pages if w.load.num_total_pages else 1
+            return (w.num_inflight + w.load.num_waiting, -free, w.num_served)
+
+        return min(ready, key=cost)
 
     async def close(self) -> None:
-        for worker in self.workers:
+        for worker in self._workers.values():
             await worker.channel.close()
 
 
-def make_pools(prefill: list[str], decode: list[str]) -> tuple[Pool, Pool]:
-    return (
-        Pool("prefill", pb_grpc.PrefillWorkerStub, prefill),
-        Pool("decode", pb_grpc.DecodeWorkerStub, decode),
-    )
+STUBS = {
+    "prefill": pb_grpc.PrefillWorkerStub,
+    "decode": pb_grpc.DecodeWorkerStub,
+}
+
+
+def make_pools(prefill: list[str], decode: list[str], policy: str = "round_robin"
+               ) -> tuple[Pool, Pool]:  # fmt: skip
+    """Pools with the static workers given on the command line."""
+    pools = []
+    for role, addresses in (("prefill", prefill), ("decode", decode)):
+        pool = Pool(role, STUBS[role], policy)
+        for i, address in enumerate(addresses):
+            pool.add(f"{role}-static-{i}", address, static=True)
+        pools.append(pool)
+    return pools[0], pools[1]

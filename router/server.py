@@ -1,8 +1,10 @@
 """Router process: the public gRPC `Router` service behind the HTTP gateway.
 
-For each request: build the prompt (template, tokenizer), check it against the context length,
-run every sample through prefill and decode (`lifecycle.run_sample`), turn tokens into text and
-parsed deltas (`postprocess.ChoiceOutput`), and stream `GenerateChunk`s back.
+For each request: build the prompt (template, tokenizer), resolve sampling (defaults, context
+length), run every sample through prefill and decode (`lifecycle.run_sample`), turn tokens into
+text and parsed deltas (`postprocess.ChoiceOutput`), and stream `GenerateChunk`s back.
+`Tokenize` and `Detokenize` serve the gateway's /tokenize and /detokenize with the same template
+and tokenizer, so the gateway holds no model state.
 
 `python -m router.server --model-path DIR --prefill HOST:PORT --decode HOST:PORT` prints
 `READY <port>` once it serves.
@@ -18,12 +20,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from proto import control_pb2_grpc as ctl_grpc
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
+from router.control import ControlServicer, watch_liveness
 from router.lifecycle import SampleError, run_sample
-from router.pools import Pool, make_pools
+from router.pools import POLICIES, Pool, make_pools
 from router.postprocess import ChoiceOutput
 from router.prompt import InvalidRequest, Prompt, PromptBuilder
+from router.sampling import SamplingDefaults, for_sample, resolve_sampling
 from shared.config import ModelConfig
 from shared.parsers.markers import MarkerTable
 from shared.tokenizer import KimiTokenizer
@@ -34,11 +39,23 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT_LENGTH = 32768
 
 
-def error_chunk(status: int, message: str, param: str = "", kind: str = "") -> pb.GenerateChunk:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return pb.GenerateChunk(
-        error=pb.Error(http_status=status, type=kind, message=message, param=param)
-    )
+def error_proto(status: int, message: str, param: str = "", code: str = "",
+                retry_after: int = 0) -> pb.Error:  # fmt: skip
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 503:
+        kind = "service_unavailable_error"
+    return pb.Error(http_status=status, type=kind, message=message, param=param, code=code,
+                    retry_after_seconds=retry_after)  # fmt: skip
+
+
+def error_chunk(status: int, message: str, param: str = "", code: str = "",
+                retry_after: int = 0) -> pb.GenerateChunk:  # fmt: skip
+    return pb.GenerateChunk(error=error_proto(status, message, param, code, retry_after))
+
+
+def invalid(exc: InvalidRequest) -> pb.Error:
+    code = "context_length_exceeded" if "maximum context length" in str(exc) else ""
+    return error_proto(400, str(exc), exc.param, code)
 
 
 def sampling_request(
@@ -57,6 +74,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.tokenizer = KimiTokenizer.from_dir(model_path)
         self.markers = MarkerTable.from_tokenizer(self.tokenizer)
         self.prompts = PromptBuilder(model_path, self.tokenizer)
+        self.sampling_defaults = SamplingDefaults.from_dir(model_path)
         self.served_model_name = served_model_name
         self.prefill, self.decode = prefill, decode
         self.context_length = context_length
@@ -66,9 +84,10 @@ class RouterServicer(pb_grpc.RouterServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         try:
             prompt = self.prompts.build(request)
-            sampling = self._sampling(request, prompt)
+            sampling = resolve_sampling(request, prompt, self.sampling_defaults,
+                                        self.context_length, self.tokenizer.eos_token_ids)  # fmt: skip
         except InvalidRequest as exc:
-            yield error_chunk(400, str(exc), exc.param)
+            yield pb.GenerateChunk(error=invalid(exc))
             return
         num_samples = max(request.n, 1)
         outputs = [
@@ -79,7 +98,9 @@ class RouterServicer(pb_grpc.RouterServicer):
         ]
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [
-            asyncio.create_task(self._run_choice(request, prompt, sampling, out, queue))
+            asyncio.create_task(
+                self._run_choice(request, prompt, for_sample(sampling, out.index), out, queue)
+            )
             for out in outputs
         ]
         try:
@@ -96,6 +117,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                 prompt_tokens=len(prompt.token_ids),
                 completion_tokens=sum(o.num_tokens for o in outputs),
                 reasoning_tokens=sum(o.num_reasoning_tokens for o in outputs),
+                cached_tokens=0,  # no prefix cache yet
             ))  # fmt: skip
         finally:
             for task in tasks:
@@ -107,6 +129,8 @@ class RouterServicer(pb_grpc.RouterServicer):
         """Runs one choice; a worker lost before the first token is retried once."""
         request_id = request.request_id if request.n <= 1 else f"{request.request_id}-{out.index}"
         try:
+            if (forced := out.start()) is not None:
+                await queue.put(pb.GenerateChunk(choices=[forced]))
             for attempt in range(2):
                 try:
                     await self._stream_choice(f"{request_id}{'-retry' * attempt}", prompt,
@@ -121,7 +145,8 @@ class RouterServicer(pb_grpc.RouterServicer):
                     message = str(exc)
                     if out.num_tokens:
                         message = f"the request failed after {out.num_tokens} tokens: {exc}"
-                    await queue.put(error_chunk(exc.http_status, message))
+                    await queue.put(error_chunk(exc.http_status, message,
+                                                retry_after=exc.retry_after))  # fmt: skip
                     return
         finally:
             await queue.put(None)
@@ -138,25 +163,36 @@ class RouterServicer(pb_grpc.RouterServicer):
             if out.finished:
                 return
 
-    def _sampling(self, request: pb.GenerateRequest, prompt: Prompt) -> pb.SamplingParams:
-        sampling = pb.SamplingParams()
-        sampling.CopyFrom(request.sampling)
-        num_prompt = len(prompt.token_ids)
-        if num_prompt >= self.context_length:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.context_length} tokens. However, "
-                f"your prompt has {num_prompt} tokens.", "messages")  # fmt: skip
-        room = self.context_length - num_prompt
-        if sampling.max_tokens <= 0:
-            sampling.max_tokens = room
-        elif sampling.max_tokens > room:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.context_length} tokens. However, "
-                f"you requested {num_prompt + sampling.max_tokens} tokens ({num_prompt} in the "
-                f"messages, {sampling.max_tokens} in the completion).", "max_tokens")  # fmt: skip
-        if not sampling.ignore_eos:
-            sampling.stop_token_ids.extend(self.tokenizer.eos_token_ids)
-        return sampling
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        """The prompt a chat request (or a text) becomes, without generating."""
+        try:
+            if request.messages:
+                add_generation_prompt = (not request.HasField("add_generation_prompt")
+                                         or request.add_generation_prompt)  # fmt: skip
+                text = self.prompts.render(request.messages, request.tools_json,
+                                           request.chat_template_kwargs_json,
+                                           add_generation_prompt).text  # fmt: skip
+            elif request.HasField("prompt"):
+                text = request.prompt
+            else:
+                raise InvalidRequest("either messages or prompt is required", "messages")
+        except InvalidRequest as exc:
+            return pb.TokenizeResponse(error=invalid(exc))
+        ids = self.tokenizer.encode(text)
+        response = pb.TokenizeResponse(tokens=ids, max_model_len=self.context_length, text=text)
+        if request.return_token_strs:
+            response.token_strs.extend(
+                self.tokenizer.token_bytes(i).decode("utf-8", errors="replace") for i in ids
+            )
+        return response
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
+        """The text of token ids, special tokens kept."""
+        try:
+            ids = self.prompts.check_token_ids(request.tokens, "tokens")
+        except InvalidRequest as exc:
+            return pb.DetokenizeResponse(error=invalid(exc))
+        return pb.DetokenizeResponse(prompt=self.tokenizer.decode(ids))
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         pools = []
@@ -178,7 +214,8 @@ class RouterServicer(pb_grpc.RouterServicer):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    prefill, decode = make_pools(args.prefill, args.decode)
+    prefill, decode = make_pools(args.prefill, args.decode, args.policy)
+    pools = {"prefill": prefill, "decode": decode}
     config = ModelConfig.from_dir(args.model_path)
     context_length = args.context_length or min(
         config.text.max_position_embeddings, DEFAULT_CONTEXT_LENGTH
@@ -187,6 +224,8 @@ async def serve(args: argparse.Namespace) -> None:
                               context_length)  # fmt: skip
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_RouterServicer_to_server(servicer, server)
+    ctl_grpc.add_ControlServicer_to_server(ControlServicer(pools, args.heartbeat_interval), server)
+    liveness = asyncio.create_task(watch_liveness(pools, 3 * args.heartbeat_interval))  # noqa: F841
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     logger.info("router ready on %s:%d (%d prefill, %d decode workers, context %d)", args.host,
@@ -205,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill", action="append", default=[], help="prefill worker address")
     parser.add_argument("--decode", action="append", default=[], help="decode worker address")
     parser.add_argument("--context-length", type=int, default=0)
+    parser.add_argument("--policy", default="round_robin", choices=POLICIES)
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level,
