@@ -1,9 +1,10 @@
 """Local launcher: starts every pool as separate OS processes on this machine and supervises them.
 
-Start order: decode and prefill workers (each prints `READY <port>` when it serves), then the
-router with their addresses, then the gateway. Ctrl-C (SIGINT) or SIGTERM stops all of them;
-each child runs in its own session and is killed with its whole process group, so none is left
-orphaned. If any child dies, the others are stopped and the launcher exits non-zero.
+Start order: the vision workers (each prints `READY <port>` when it serves), the router with
+their addresses, the decode and prefill workers (they register with the router), then the
+gateway. Ctrl-C (SIGINT) or SIGTERM stops all of them; each child runs in its own session and is
+killed with its whole process group, so none is left orphaned. If any child dies, the others are
+stopped and the launcher exits non-zero.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent import futures
 
 import grpc
 
@@ -35,13 +38,18 @@ class StackConfig:
     served_model_name: str = "moonshotai/Kimi-K2.5"
     num_prefill: int = 1
     num_decode: int = 1
+    num_vision: int = 1
     num_pages: int = 2048
     page_size: int = 16
     kv_transfer_timeout: float = 30.0
     api_key: str | None = None
     policy: str = "round_robin"
     context_length: int = 0  # 0: the model's, capped at the router's default
+    max_images_per_request: int = 16
+    allowed_media_domains: tuple[str, ...] = ()  # image URL hosts (see shared.settings.MediaConfig)
+    allow_private_media_urls: bool = False
     internal_host: str = "127.0.0.1"
+    control_port: int = 30001  # `kimiserve scale` and `kimiserve status` talk to this port
     startup_timeout: float = 300.0
 
 
@@ -52,6 +60,7 @@ class Child:
     port: int = 0
     module: str = ""
     args: list[str] = dataclasses.field(default_factory=list)
+    retiring: bool = False  # being stopped on purpose (scaling down)
 
 
 ROLE_MODULES = {"decode": "decode_worker.server", "prefill": "prefill_worker.server"}
@@ -123,12 +132,32 @@ class LocalStack:
                 "--num-pages", str(c.num_pages), "--page-size", str(c.page_size),
                 "--kv-transfer-timeout", str(c.kv_transfer_timeout)]  # fmt: skip
 
+    def _vision_args(self, index: int) -> list[str]:
+        c = self.config
+        return ["--model-path", c.model_path, "--worker-id", f"vision-{index}",
+                "--host", c.internal_host]  # fmt: skip
+
+    def _media_args(self, vision_addresses: list[str]) -> list[str]:
+        """The router's image flags: its vision workers and the media settings."""
+        c = self.config
+        private = "allow" if c.allow_private_media_urls else "no-allow"
+        return [a for address in vision_addresses for a in ("--vision", address)] + [
+            "--max-images-per-request", str(c.max_images_per_request),
+            "--allowed-media-domains", ",".join(c.allowed_media_domains),
+            f"--{private}-private-media-urls",
+        ]  # fmt: skip
+
     def start(self) -> None:
         c = self.config
         try:
+            vision = [self._spawn(f"vision-{i}", "vision_worker.server", self._vision_args(i))
+                      for i in range(c.num_vision)]  # fmt: skip
+            for child in vision:
+                self._await_ready(child)
             router_args = ["--model-path", c.model_path, "--host", c.internal_host,
                            "--served-model-name", c.served_model_name, "--policy", c.policy,
                            "--context-length", str(c.context_length)]  # fmt: skip
+            router_args += self._media_args([f"{c.internal_host}:{v.port}" for v in vision])
             router = self._spawn("router", "router.server", router_args)
             self._await_ready(router)
             self.router_address = f"{c.internal_host}:{router.port}"
@@ -174,6 +203,7 @@ class LocalStack:
             if not drained.drained:
                 logger.warning("%s still had %d requests after draining; stopping it anyway",
                                child.name, drained.num_inflight)  # fmt: skip
+            child.retiring = True
             _signal_group(child.process, signal.SIGTERM)
             child.process.wait(10)
             control.Remove(ctl.RemoveRequest(worker_id=child.name))
@@ -185,7 +215,10 @@ class LocalStack:
         return f"http://{self.config.host}:{self.config.port}"
 
     def dead_child(self) -> Child | None:
-        return next((c for c in self.children if c.process.poll() is not None), None)
+        return next(
+            (c for c in list(self.children) if c.process.poll() is not None and not c.retiring),
+            None,
+        )
 
     def stop(self, grace: float = 5.0) -> None:
         for child in reversed(self.children):
@@ -214,6 +247,35 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
 
 
+class LauncherServicer(ctl_grpc.LauncherServicer):
+    """Lets `kimiserve scale` / `kimiserve status` reach a running `kimiserve up`."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.stack = stack
+        self._lock = threading.Lock()
+
+    def Scale(self, request: ctl.ScaleRequest, context) -> ctl.ScaleResponse:
+        unknown = set(request.pool_sizes) - set(ROLE_MODULES)
+        if unknown or any(n < 0 for n in request.pool_sizes.values()):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"bad pool sizes {dict(request.pool_sizes)}"
+            )
+        with self._lock:  # one change at a time
+            return ctl.ScaleResponse(pool_sizes=self.stack.scale(dict(request.pool_sizes)))
+
+    def ListWorkers(self, request, context) -> ctl.ListWorkersResponse:
+        with grpc.insecure_channel(self.stack.router_address) as channel:
+            return ctl_grpc.ControlStub(channel).ListWorkers(request, timeout=10)
+
+
+def serve_launcher_control(stack: LocalStack) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    ctl_grpc.add_LauncherServicer_to_server(LauncherServicer(stack), server)
+    server.add_insecure_port(f"{stack.config.internal_host}:{stack.config.control_port}")
+    server.start()
+    return server
+
+
 def run_until_interrupted(config: StackConfig) -> int:
     """`kimiserve up`: serve until Ctrl-C or a child dies."""
     stop = {"signal": None}
@@ -224,12 +286,15 @@ def run_until_interrupted(config: StackConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     with LocalStack(config) as stack:
-        logger.info("kimiserve is up: %s/v1 (model %s)", stack.base_url, config.served_model_name)
+        control = serve_launcher_control(stack)
+        logger.info("kimiserve is up: %s/v1 (model %s); control on %s:%d", stack.base_url,
+                    config.served_model_name, config.internal_host, config.control_port)  # fmt: skip
         while stop["signal"] is None:
             dead = stack.dead_child()
             if dead is not None:
                 logger.error("%s exited with %s; stopping", dead.name, dead.process.returncode)
                 return 1
             time.sleep(0.5)
+        control.stop(grace=None)
     logger.info("stopped")
     return 0

@@ -28,9 +28,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_serves_and_ctrl_c_leaves_no_orphan(tiny_checkpoint):
-    port = free_port()
+    port, control = free_port(), f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "deploy.cli", "up", "--model-path", str(tiny_checkpoint),
-           "--port", str(port), "--num-pages", "256"]  # fmt: skip
+           "--port", str(port), "--num-pages", "256",
+           "--control-port", control.rsplit(":", 1)[1]]  # fmt: skip
     up = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -42,8 +43,19 @@ def test_up_serves_and_ctrl_c_leaves_no_orphan(tiny_checkpoint):
                 time.sleep(0.5)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
         assert models["data"][0]["id"] == "moonshotai/Kimi-K2.5"
+        cli = [sys.executable, "-m", "deploy.cli"]
+        scaled = subprocess.run([*cli, "scale", "--control", control, "--prefill", "2"],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert "'prefill': 2" in scaled.stdout, scaled.stderr
+        status = subprocess.run([*cli, "status", "--control", control], capture_output=True,
+                                text=True, timeout=30).stdout  # fmt: skip
+        assert [line.split()[:3] for line in status.splitlines()[1:]] == [
+            ["decode-0", "decode", "ready"],
+            ["prefill-0", "prefill", "ready"],
+            ["prefill-1", "prefill", "ready"],
+        ], status
         children = _children(up.pid)
-        assert len(children) == 4  # decode, prefill, router, gateway
+        assert len(children) == 5  # decode, 2 prefill, router, gateway
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0
         time.sleep(0.5)
