@@ -71,6 +71,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             first_token=token_to_proto(result.first),
             prefill_seconds=prefill_seconds,
             transfer_seconds=time.perf_counter() - started - prefill_seconds,
+            transfer_bytes=result.kv.numel() * result.kv.element_size(),
         )
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:

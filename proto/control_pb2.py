@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x11kimiserve.control\"g\n\nWorkerLoad\x12\x16\n\x0enum_free_pages\x18\x01 \x01(\x05\x12\x17\n\x0fnum_total_pages\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\"C\n\x0fRegisterRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"R\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12+\n\x04load\x18\x02 \x01(\x0b\x32\x1d.kimiserve.control.WorkerLoad\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"4\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"6\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x14\n\x0cnum_inflight\x18\x02 \x01(\x05\"\"\n\rRemoveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1f\n\x0eRemoveResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xc5\x01\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12+\n\x04load\x18\x05 \x01(\x0b\x32\x1d.kimiserve.control.WorkerLoad\x12\x14\n\x0cnum_inflight\x18\x06 \x01(\x05\x12\x12\n\nnum_served\x18\x07 \x01(\x03\x12\x1f\n\x17seconds_since_heartbeat\x18\x08 \x01(\x01\"\x14\n\x12ListWorkersRequest\"E\n\x13ListWorkersResponse\x12.\n\x07workers\x18\x01 \x03(\x0b\x32\x1d.kimiserve.control.WorkerInfo\"\x84\x01\n\x0cScaleRequest\x12\x42\n\npool_sizes\x18\x01 \x03(\x0b\x32..kimiserve.control.ScaleRequest.PoolSizesEntry\x1a\x30\n\x0ePoolSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x86\x01\n\rScaleResponse\x12\x43\n\npool_sizes\x18\x01 \x03(\x0b\x32/.kimiserve.control.ScaleResponse.PoolSizesEntry\x1a\x30\n\x0ePoolSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32\xaf\x03\n\x07\x43ontrol\x12S\n\x08Register\x12\".kimiserve.control.RegisterRequest\x1a#.kimiserve.control.RegisterResponse\x12V\n\tHeartbeat\x12#.kimiserve.control.HeartbeatRequest\x1a$.kimiserve.control.HeartbeatResponse\x12J\n\x05\x44rain\x12\x1f.kimiserve.control.DrainRequest\x1a .kimiserve.control.DrainResponse\x12M\n\x06Remove\x12 .kimiserve.control.RemoveRequest\x1a!.kimiserve.control.RemoveResponse\x12\\\n\x0bListWorkers\x12%.kimiserve.control.ListWorkersRequest\x1a&.kimiserve.control.ListWorkersResponse2\xb4\x01\n\x08Launcher\x12J\n\x05Scale\x12\x1f.kimiserve.control.ScaleRequest\x1a .kimiserve.control.ScaleResponse\x12\\\n\x0bListWorkers\x12%.kimiserve.control.ListWorkersRequest\x1a&.kimiserve.control.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x11kimiserve.control\"g\n\nWorkerLoad\x12\x16\n\x0enum_free_pages\x18\x01 \x01(\x05\x12\x17\n\x0fnum_total_pages\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\"C\n\x0fRegisterRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"R\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12+\n\x04load\x18\x02 \x01(\x0b\x32\x1d.kimiserve.control.WorkerLoad\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"4\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"6\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x14\n\x0cnum_inflight\x18\x02 \x01(\x05\"\"\n\rRemoveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1f\n\x0eRemoveResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xc5\x01\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12+\n\x04load\x18\x05 \x01(\x0b\x32\x1d.kimiserve.control.WorkerLoad\x12\x14\n\x0cnum_inflight\x18\x06 \x01(\x05\x12\x12\n\nnum_served\x18\x07 \x01(\x03\x12\x1f\n\x17seconds_since_heartbeat\x18\x08 \x01(\x01\"\x14\n\x12ListWorkersRequest\"E\n\x13ListWorkersResponse\x12.\n\x07workers\x18\x01 \x03(\x0b\x32\x1d.kimiserve.control.WorkerInfo\"\x10\n\x0eMetricsRequest\"\x1f\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\x0c\"\x84\x01\n\x0cScaleRequest\x12\x42\n\npool_sizes\x18\x01 \x03(\x0b\x32..kimiserve.control.ScaleRequest.PoolSizesEntry\x1a\x30\n\x0ePoolSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x86\x01\n\rScaleResponse\x12\x43\n\npool_sizes\x18\x01 \x03(\x0b\x32/.kimiserve.control.ScaleResponse.PoolSizesEntry\x1a\x30\n\x0ePoolSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32\x81\x04\n\x07\x43ontrol\x12S\n\x08Register\x12\".kimiserve.control.RegisterRequest\x1a#.kimiserve.control.RegisterResponse\x12V\n\tHeartbeat\x12#.kimiserve.control.HeartbeatRequest\x1a$.kimiserve.control.HeartbeatResponse\x12J\n\x05\x44rain\x12\x1f.kimiserve.control.DrainRequest\x1a .kimiserve.control.DrainResponse\x12M\n\x06Remove\x12 .kimiserve.control.RemoveRequest\x1a!.kimiserve.control.RemoveResponse\x12\\\n\x0bListWorkers\x12%.kimiserve.control.ListWorkersRequest\x1a&.kimiserve.control.ListWorkersResponse\x12P\n\x07Metrics\x12!.kimiserve.control.MetricsRequest\x1a\".kimiserve.control.MetricsResponse2\xb4\x01\n\x08Launcher\x12J\n\x05Scale\x12\x1f.kimiserve.control.ScaleRequest\x1a .kimiserve.control.ScaleResponse\x12\\\n\x0bListWorkers\x12%.kimiserve.control.ListWorkersRequest\x1a&.kimiserve.control.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,16 +59,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKERSREQUEST']._serialized_end=779
   _globals['_LISTWORKERSRESPONSE']._serialized_start=781
   _globals['_LISTWORKERSRESPONSE']._serialized_end=850
-  _globals['_SCALEREQUEST']._serialized_start=853
-  _globals['_SCALEREQUEST']._serialized_end=985
-  _globals['_SCALEREQUEST_POOLSIZESENTRY']._serialized_start=937
-  _globals['_SCALEREQUEST_POOLSIZESENTRY']._serialized_end=985
-  _globals['_SCALERESPONSE']._serialized_start=988
-  _globals['_SCALERESPONSE']._serialized_end=1122
-  _globals['_SCALERESPONSE_POOLSIZESENTRY']._serialized_start=937
-  _globals['_SCALERESPONSE_POOLSIZESENTRY']._serialized_end=985
-  _globals['_CONTROL']._serialized_start=1125
-  _globals['_CONTROL']._serialized_end=1556
-  _globals['_LAUNCHER']._serialized_start=1559
-  _globals['_LAUNCHER']._serialized_end=1739
+  _globals['_METRICSREQUEST']._serialized_start=852
+  _globals['_METRICSREQUEST']._serialized_end=868
+  _globals['_METRICSRESPONSE']._serialized_start=870
+  _globals['_METRICSRESPONSE']._serialized_end=901
+  _globals['_SCALEREQUEST']._serialized_start=904
+  _globals['_SCALEREQUEST']._serialized_end=1036
+  _globals['_SCALEREQUEST_POOLSIZESENTRY']._serialized_start=988
+  _globals['_SCALEREQUEST_POOLSIZESENTRY']._serialized_end=1036
+  _globals['_SCALERESPONSE']._serialized_start=1039
+  _globals['_SCALERESPONSE']._serialized_end=1173
+  _globals['_SCALERESPONSE_POOLSIZESENTRY']._serialized_start=988
+  _globals['_SCALERESPONSE_POOLSIZESENTRY']._serialized_end=1036
+  _globals['_CONTROL']._serialized_start=1176
+  _globals['_CONTROL']._serialized_end=1689
+  _globals['_LAUNCHER']._serialized_start=1692
+  _globals['_LAUNCHER']._serialized_end=1872
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,11 @@ class ControlStub:
                 request_serializer=control__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=control__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/kimiserve.control.Control/Metrics',
+                request_serializer=control__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=control__pb2.MetricsResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -94,6 +99,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=control__pb2.ListWorkersRequest.FromString,
                     response_serializer=control__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=control__pb2.MetricsRequest.FromString,
+                    response_serializer=control__pb2.MetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class Control:
             '/kimiserve.control.Control/ListWorkers',
             control__pb2.ListWorkersRequest.SerializeToString,
             control__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kimiserve.control.Control/Metrics',
+            control__pb2.MetricsRequest.SerializeToString,
+            control__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -336,14 +336,16 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., images: _Optional[_Union[_vision_pb2.ImageRefs, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "prefill_seconds", "transfer_seconds")
+    __slots__ = ("first_token", "prefill_seconds", "transfer_seconds", "transfer_bytes")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     first_token: TokenOutput
     prefill_seconds: float
     transfer_seconds: float
-    def __init__(self, first_token: _Optional[_Union[TokenOutput, _Mapping]] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ...) -> None: ...
+    transfer_bytes: int
+    def __init__(self, first_token: _Optional[_Union[TokenOutput, _Mapping]] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., transfer_bytes: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

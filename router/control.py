@@ -12,6 +12,7 @@ import time
 
 from proto import control_pb2 as ctl
 from proto import control_pb2_grpc as ctl_grpc
+from router import metrics
 from router.pools import Pool
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ class ControlServicer(ctl_grpc.ControlServicer):
         logger.info("removed %s worker %s", pool.role, request.worker_id)
         return ctl.RemoveResponse(found=True)
 
+    async def Metrics(self, request, context) -> ctl.MetricsResponse:
+        metrics.update_pool_gauges(self.pools)
+        return ctl.MetricsResponse(text=metrics.render())
+
     async def ListWorkers(self, request, context) -> ctl.ListWorkersResponse:
         return ctl.ListWorkersResponse(
             workers=[w.info() for pool in self.pools.values() for w in pool.workers]
@@ -73,6 +78,7 @@ class ControlServicer(ctl_grpc.ControlServicer):
 async def watch_liveness(pools: dict[str, Pool], lost_after_s: float) -> None:
     while True:
         await asyncio.sleep(lost_after_s / 4)
+        metrics.update_pool_gauges(pools)
         for pool in pools.values():
             for worker in pool.expire(lost_after_s):
                 logger.warning("%s worker %s missed its heartbeats; out of rotation", pool.role,

@@ -5,6 +5,8 @@ to a `GenerateRequest`, and turns the router's `GenerateChunk` stream into a JSO
 server-sent events. It holds no model state. Endpoints:
 
 - `POST /v1/chat/completions`, `POST /v1/completions`: streaming and not;
+- `POST /tokenize`, `POST /detokenize`: vLLM's shapes, answered by the router (which holds the
+  template and the tokenizer);
 - `GET /v1/models`: the one served model;
 - `GET /health`: 200 while this process is alive (no key needed);
 - `GET /health/ready`: 200 when the router says it is ready, else 503.
@@ -40,10 +42,22 @@ from router.errors import (
     install_error_handlers,
     invalid_request,
 )
-from router.openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from router.gateway_metrics import add_metrics_route
+from router.openai_schema import (
+    ApiRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from router.responses import DONE_EVENT, ChatStreamWriter, Collector, CompletionStreamWriter, sse
 from router.router_client import RouterCall, RouterClient
-from router.translate import chat_to_proto, completion_to_proto
+from router.translate import (
+    chat_to_proto,
+    completion_to_proto,
+    detokenize_to_proto,
+    tokenize_to_proto,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +67,7 @@ OWNED_BY = "moonshotai"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-RequestT = TypeVar("RequestT", bound=GenerationRequest)
+RequestT = TypeVar("RequestT", bound=ApiRequest)
 
 
 @dataclass(frozen=True)
@@ -103,8 +117,11 @@ def create_app(
     protected = APIRouter(dependencies=[Depends(_auth_dependency(api_key))])
     protected.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     protected.add_api_route("/v1/completions", completions, methods=["POST"])
+    protected.add_api_route("/tokenize", tokenize, methods=["POST"])
+    protected.add_api_route("/detokenize", detokenize, methods=["POST"])
     protected.add_api_route("/v1/models", list_models, methods=["GET"])
     protected.add_api_route("/health/ready", ready, methods=["GET"])
+    add_metrics_route(protected, router_address)
     app.include_router(protected)
     app.add_api_route("/health", alive, methods=["GET"])
     return app
@@ -192,11 +209,11 @@ async def chat_completions(request: Request) -> Response:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     call = _start(request, chat_to_proto(parsed, request_id))
     meta = (request_id, int(time.time()), request.app.state.gateway.model_name)
-    n = parsed.n or 1
+    n, logprobs = parsed.n or 1, parsed.logprobs_requested
     if not parsed.stream:
-        collector = await _collect(call, n)
+        collector = await _collect(call, n, logprobs)
         return JSONResponse(collector.chat_completion(*meta))
-    writer = ChatStreamWriter(*meta, include_usage=parsed.include_usage)
+    writer = ChatStreamWriter(*meta, include_usage=parsed.include_usage, logprobs=logprobs)
     return await _stream(call, writer, writer.start(n))
 
 
@@ -206,11 +223,11 @@ async def completions(request: Request) -> Response:
     call = _start(request, completion_to_proto(parsed, request_id))
     meta = (request_id, int(time.time()), request.app.state.gateway.model_name)
     echo = parsed.single_prompt if parsed.echo else ""
-    n = parsed.n or 1
+    n, logprobs = parsed.n or 1, parsed.logprobs_requested
     if not parsed.stream:
-        collector = await _collect(call, n)
+        collector = await _collect(call, n, logprobs)
         return JSONResponse(collector.text_completion(*meta, echo=echo))
-    writer = CompletionStreamWriter(*meta, include_usage=parsed.include_usage)
+    writer = CompletionStreamWriter(*meta, include_usage=parsed.include_usage, logprobs=logprobs)
     return await _stream(call, writer, writer.start(n, echo))
 
 
@@ -219,8 +236,8 @@ def _start(request: Request, generate: pb.GenerateRequest) -> RouterCall:
     return request.app.state.gateway.client.generate(generate, request)
 
 
-async def _collect(call: RouterCall, n: int) -> Collector:
-    collector = Collector(n)
+async def _collect(call: RouterCall, n: int, logprobs: bool) -> Collector:
+    collector = Collector(n, logprobs)
     try:
         async for chunk in call.chunks():
             collector.add(chunk)
@@ -269,6 +286,29 @@ async def _events(
         logger.debug("client left mid-stream")
     finally:
         call.close()
+
+
+# ---------------------------------------------------------------- tokenizer endpoints
+
+
+async def tokenize(request: Request) -> dict[str, Any]:
+    parsed = await _read_request(request, TokenizeRequest)
+    answer = await request.app.state.gateway.client.tokenize(tokenize_to_proto(parsed))
+    body: dict[str, Any] = {
+        "count": len(answer.tokens),
+        "max_model_len": answer.max_model_len,
+        "tokens": list(answer.tokens),
+        "token_strs": list(answer.token_strs) if parsed.return_token_strs else None,
+    }
+    if parsed.return_text:
+        body["text"] = answer.text
+    return body
+
+
+async def detokenize(request: Request) -> dict[str, Any]:
+    parsed = await _read_request(request, DetokenizeRequest)
+    answer = await request.app.state.gateway.client.detokenize(detokenize_to_proto(parsed))
+    return {"prompt": answer.prompt}
 
 
 # ---------------------------------------------------------------- models and health

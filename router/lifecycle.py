@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from proto import kimiserve_pb2 as pb
+from proto import vision_pb2 as vpb
+from router import metrics
 from router.pools import Pool
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ async def run_sample(
     prefill_pool: Pool,
     decode_pool: Pool,
     exclude: frozenset[str] = frozenset(),
+    images: vpb.ImageRefs | None = None,
 ) -> AsyncIterator[TokenEvent]:
     """Yields the sample's tokens, then one event with the finish reason.
 
@@ -70,6 +73,7 @@ async def run_sample(
         request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling
     )
     stream = decode.stub.Generate(decode_req)
+    timer = metrics.SampleTimer(len(prompt_ids))
     prefill_call = None
     for worker in (decode, prefill):
         worker.num_inflight += 1
@@ -78,21 +82,32 @@ async def run_sample(
         first = await stream.read()
         if first is grpc.aio.EOF or not first.HasField("reservation"):
             raise SampleError("decode worker closed the stream before reserving pages", 503, 1)
+        timer.reserved()
         prefill_req = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
-                                        sampling=sampling, destination=first.reservation)  # fmt: skip
+                                        sampling=sampling, destination=first.reservation,
+                                        images=images)  # fmt: skip
         prefill_call = asyncio.ensure_future(prefill.stub.Prefill(prefill_req))
         prefill_call.add_done_callback(lambda _: _release(prefill))
-        prefill_call.add_done_callback(lambda f: f.cancelled() or f.exception())
+        prefill_call.add_done_callback(lambda f: _observe_prefill(f, timer))
         while True:
             chunk = await _read_or_fail(stream, prefill_call)
             if chunk.HasField("token"):
+                timer.token()
                 yield TokenEvent(chunk.token)
             if chunk.finish_reason:
                 if chunk.finish_reason == "error":
                     raise SampleError(f"decode worker failed the request: {chunk.error}", 500)
+                timer.finished(chunk.finish_reason)
                 yield TokenEvent(None, chunk.finish_reason)
                 return
+    except (asyncio.CancelledError, GeneratorExit):
+        metrics.ABORTS.labels("client").inc()
+        raise
+    except SampleError as exc:
+        metrics.FAILURES.labels(f"http_{exc.http_status}").inc()
+        raise
     except grpc.aio.AioRpcError as exc:
+        metrics.FAILURES.labels(exc.code().name.lower()).inc()
         status = _status_to_http(exc.code())
         lost = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
                               grpc.StatusCode.UNKNOWN)  # fmt: skip
@@ -105,6 +120,13 @@ async def run_sample(
         stream.cancel()
         if prefill_call is not None and not prefill_call.done():
             prefill_call.cancel()
+
+
+def _observe_prefill(call: asyncio.Future, timer: metrics.SampleTimer) -> None:
+    if call.cancelled() or call.exception() is not None:
+        return
+    reply = call.result()
+    timer.prefill_done(reply.prefill_seconds, reply.transfer_seconds, reply.transfer_bytes)
 
 
 def _release(worker) -> None:

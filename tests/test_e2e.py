@@ -123,10 +123,36 @@ def test_deployment_guide_request(stack):
 
 def test_each_role_is_its_own_process(stack):
     pids = {c.name: c.process.pid for c in stack.children}
-    assert set(pids) == {"decode-0", "prefill-0", "router", "gateway"}
-    assert len(set(pids.values())) == 4
+    assert set(pids) == {"vision-0", "decode-0", "prefill-0", "router", "gateway"}
+    assert len(set(pids.values())) == 5
     ps = subprocess.run(["ps", "-o", "pid=,args=", "-p", ",".join(map(str, pids.values()))],
                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    for module in ("decode_worker.server", "prefill_worker.server", "router.server",
-                   "router.gateway_main"):  # fmt: skip
+    for module in ("vision_worker.server", "decode_worker.server", "prefill_worker.server",
+                   "router.server", "router.gateway_main"):  # fmt: skip
         assert module in ps
+
+
+def test_metrics_after_load(stack):
+    """Runs last in this module: the requests above are the load."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{stack.base_url}/metrics", timeout=10).text
+
+    def value(sample: str) -> float:
+        match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.M)
+        assert match, f"{sample} missing"
+        return float(match.group(1))
+
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+                 "e2e_request_latency_seconds", "queue_seconds", "prefill_seconds",
+                 "kv_transfer_seconds", "first_decode_step_seconds"):  # fmt: skip
+        assert value(f"kimiserve:{name}_count") > 0, name
+    assert value("kimiserve:vision_seconds_count") >= 0
+    for name in ("prompt_tokens_total", "generation_tokens_total", "kv_transfer_bytes_total"):
+        assert value(f"kimiserve:{name}") > 0, name
+    assert value('kimiserve:requests_total{finish_reason="length"}') > 0
+    assert value('kimiserve:pool_workers{role="decode",state="ready"}') == 1
+    assert value('kimiserve:pool_workers{role="prefill",state="ready"}') == 1
+    assert value('kimiserve:pool_free_pages{role="decode"}') > 0

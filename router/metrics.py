@@ -1,0 +1,88 @@
+"""Prometheus metrics of the router, named `kimiserve:*`, served through `Control.Metrics`.
+
+Latencies are histograms (seconds); the parts of the time to first token are: queue (until the
+decode worker reserved pages), prefill (the prefill worker's queue and compute), transfer (the
+KV push), vision (image encoding) and first decode step (prefill answer to first token seen).
+Pool gauges are refreshed from heartbeats by `update_pool_gauges`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry()
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def _histogram(name: str, doc: str) -> Histogram:
+    return Histogram(f"kimiserve:{name}", doc, buckets=_LATENCY, registry=REGISTRY)
+
+
+TTFT = _histogram("time_to_first_token_seconds", "Time to first token")
+ITL = _histogram("inter_token_latency_seconds", "Time between consecutive tokens")
+E2E = _histogram("e2e_request_latency_seconds", "Request start to last token")
+QUEUE = _histogram("queue_seconds", "Start until the decode worker reserved pages")
+VISION = _histogram("vision_seconds", "Image encoding")
+PREFILL = _histogram("prefill_seconds", "Prefill worker queue and compute")
+TRANSFER = _histogram("kv_transfer_seconds", "KV push from prefill to decode")
+FIRST_DECODE = _histogram("first_decode_step_seconds", "Prefill answer to the first token")
+PROMPT_TOKENS = Counter("kimiserve:prompt_tokens", "Prompt tokens (per sample)", registry=REGISTRY)
+GENERATION_TOKENS = Counter("kimiserve:generation_tokens", "Generated tokens", registry=REGISTRY)
+TRANSFER_BYTES = Counter("kimiserve:kv_transfer_bytes", "KV bytes pushed", registry=REGISTRY)
+REQUESTS = Counter("kimiserve:requests", "Finished samples", ["finish_reason"], registry=REGISTRY)
+ABORTS = Counter("kimiserve:aborts", "Samples aborted", ["reason"], registry=REGISTRY)
+FAILURES = Counter("kimiserve:failures", "Samples failed", ["reason"], registry=REGISTRY)
+POOL_WORKERS = Gauge("kimiserve:pool_workers", "Workers", ["role", "state"], registry=REGISTRY)
+POOL_QUEUE = Gauge("kimiserve:pool_queue_depth", "Requests waiting", ["role"], registry=REGISTRY)
+POOL_FREE_PAGES = Gauge("kimiserve:pool_free_pages", "Free KV pages", ["role"], registry=REGISTRY)
+POOL_INFLIGHT = Gauge("kimiserve:pool_inflight", "Requests in flight", ["role"], registry=REGISTRY)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+def update_pool_gauges(pools) -> None:
+    for role, pool in pools.items():
+        for state in ("ready", "draining", "lost"):
+            count = sum(1 for w in pool.workers if w.state == state)
+            POOL_WORKERS.labels(role, state).set(count)
+        POOL_QUEUE.labels(role).set(sum(w.load.num_waiting for w in pool.workers))
+        POOL_FREE_PAGES.labels(role).set(sum(w.load.num_free_pages for w in pool.workers))
+        POOL_INFLIGHT.labels(role).set(sum(w.num_inflight for w in pool.workers))
+
+
+class SampleTimer:
+    """Observes one sample's timeline; every method is cheap and called on the event loop."""
+
+    def __init__(self, num_prompt_tokens: int) -> None:
+        self.start = time.perf_counter()
+        self.last_token = 0.0
+        self.prefill_answered = 0.0
+        PROMPT_TOKENS.inc(num_prompt_tokens)
+
+    def reserved(self) -> None:
+        QUEUE.observe(time.perf_counter() - self.start)
+
+    def prefill_done(self, prefill_seconds: float, transfer_seconds: float, nbytes: int) -> None:
+        self.prefill_answered = time.perf_counter()
+        PREFILL.observe(prefill_seconds)
+        TRANSFER.observe(transfer_seconds)
+        TRANSFER_BYTES.inc(nbytes)
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.last_token:
+            ITL.observe(now - self.last_token)
+        else:
+            TTFT.observe(now - self.start)
+            if self.prefill_answered:
+                FIRST_DECODE.observe(max(0.0, now - self.prefill_answered))
+        self.last_token = now
+        GENERATION_TOKENS.inc()
+
+    def finished(self, reason: str) -> None:
+        E2E.observe(time.perf_counter() - self.start)
+        REQUESTS.labels(reason).inc()
