@@ -5,6 +5,10 @@ their addresses, the decode and prefill workers (they register with the router),
 gateway. Ctrl-C (SIGINT) or SIGTERM stops all of them; each child runs in its own session and is
 killed with its whole process group, so none is left orphaned. If any child dies, the others are
 stopped and the launcher exits non-zero.
+
+Workers start through a `Spawner`: as processes here (`ProcessSpawner`, the default) or as Ray
+actors on a cluster (`--launcher ray`, `deploy/ray_launcher.py`). The router and the gateway are
+always processes of this machine.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import sys
 import threading
 import time
 from concurrent import futures
+from typing import Protocol
 
 import grpc
 
+from deploy.planner import PlannerConfig, run_planner
 from proto import control_pb2 as ctl
 from proto import control_pb2_grpc as ctl_grpc
 
@@ -50,17 +56,97 @@ class StackConfig:
     allow_private_media_urls: bool = False
     internal_host: str = "127.0.0.1"
     control_port: int = 30001  # `kimiserve scale` and `kimiserve status` talk to this port
+    autoscale: bool = False  # let the load-based planner resize the prefill and decode pools
+    autoscale_interval: float = 10.0
+    min_prefill: int = 1
+    max_prefill: int = 3
+    min_decode: int = 1
+    max_decode: int = 3
     startup_timeout: float = 300.0
+    launcher: str = "local"  # "local": every process here; "ray": workers as Ray actors
+    ray_address: str | None = None  # ray: a running cluster's address; None starts Ray here
+    num_gpus_per_worker: int = 0  # ray: GPUs each worker rank reserves
 
 
 @dataclasses.dataclass
 class Child:
+    """One started server process. The stack drives it only through the methods below, so a
+    launcher that runs processes elsewhere subclasses it (`deploy/ray_launcher.py`)."""
+
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen | None
     port: int = 0
     module: str = ""
     args: list[str] = dataclasses.field(default_factory=list)
     retiring: bool = False  # being stopped on purpose (scaling down)
+    host: str = "127.0.0.1"  # where it serves, with `port`
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def await_ready(self, timeout: float) -> None:
+        """Blocks until the process printed `READY <port>`; sets `port`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.5)
+            if ready:
+                line = self.process.stdout.readline()
+                if line.startswith("READY "):
+                    self.port = int(line.split()[1])
+                    return
+        raise TimeoutError(f"{self.name} not ready within {timeout}s")
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def signal(self, sig: int) -> None:
+        """Sends `sig` to the child's whole process group."""
+        _signal_group(self.process, sig)
+
+    def wait(self, timeout: float | None) -> int:
+        """The exit code; raises `subprocess.TimeoutExpired` if still running after `timeout`."""
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        """Releases what is left of a stopped child."""
+        if self.process.stdout:
+            self.process.stdout.close()
+
+
+def start_process(name: str, module: str, args: list[str], host: str) -> Child:
+    """`python -m module *args` in its own session, ended by Linux if this process dies."""
+    cmd = [sys.executable, "-m", module, *args]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=_die_with_parent)  # fmt: skip
+    return Child(name, process, module=module, args=args, host=host)
+
+
+class Spawner(Protocol):
+    """Where workers run. `spawn` starts one and returns at once (`Child.await_ready` waits);
+    `head_host` is the address of this machine that spawned workers reach (the router listens
+    there); `close` runs once, after every spawned child has stopped."""
+
+    head_host: str
+
+    def spawn(self, name: str, module: str, args: list[str]) -> Child: ...
+
+    def close(self) -> None: ...
+
+
+class ProcessSpawner:
+    """Workers as processes on this machine: the local launcher's `Spawner`."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.head_host = config.internal_host
+
+    def spawn(self, name: str, module: str, args: list[str]) -> Child:
+        return start_process(name, module, args, self.head_host)
+
+    def close(self) -> None:
+        pass
 
 
 ROLE_MODULES = {"decode": "decode_worker.server", "prefill": "prefill_worker.server"}
@@ -69,10 +155,13 @@ ROLE_MODULES = {"decode": "decode_worker.server", "prefill": "prefill_worker.ser
 class LocalStack:
     """The processes of one stack; use as a context manager or call `start` / `stop`."""
 
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(self, config: StackConfig, spawner: Spawner | None = None) -> None:
         self.config = config
+        self.spawner = spawner or ProcessSpawner(config)
         self.children: list[Child] = []
         self.router_address = ""
+        self._scale_lock = threading.Lock()
+        self._stop_planner = threading.Event()
 
     def __enter__(self) -> LocalStack:
         self.start()
@@ -81,11 +170,15 @@ class LocalStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, module: str, args: list[str]) -> Child:
-        cmd = [sys.executable, "-m", module, *args]
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
-                                   preexec_fn=_die_with_parent)  # fmt: skip
-        child = Child(name, process, module=module, args=args)
+    def _spawn(self, name: str, module: str, args: list[str], host: str = "") -> Child:
+        """A process on this machine (router, gateway)."""
+        child = start_process(name, module, args, host or self.config.internal_host)
+        self.children.append(child)
+        return child
+
+    def _spawn_worker(self, name: str, module: str, args: list[str]) -> Child:
+        """A worker, wherever the spawner runs them."""
+        child = self.spawner.spawn(name, module, args)
         self.children.append(child)
         return child
 
@@ -95,8 +188,8 @@ class LocalStack:
     def kill(self, name: str) -> None:
         """Kills one child with SIGKILL (fault tests) and waits for it."""
         child = self.child(name)
-        _signal_group(child.process, signal.SIGKILL)
-        child.process.wait()
+        child.signal(signal.SIGKILL)
+        child.wait(None)
 
     def restart(self, name: str) -> None:
         """Starts a dead child again on the same port, so its address stays valid."""
@@ -111,19 +204,8 @@ class LocalStack:
         self._await_ready(self._spawn(name, old.module, args))
 
     def _await_ready(self, child: Child) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout
-        while time.monotonic() < deadline:
-            if child.process.poll() is not None:
-                raise RuntimeError(f"{child.name} exited with {child.process.returncode}")
-            ready, _, _ = select.select([child.process.stdout], [], [], 0.5)
-            if ready:
-                line = child.process.stdout.readline()
-                if line.startswith("READY "):
-                    child.port = int(line.split()[1])
-                    logger.info("%s ready on port %d (pid %d)", child.name, child.port,
-                                child.process.pid)  # fmt: skip
-                    return
-        raise TimeoutError(f"{child.name} not ready within {self.config.startup_timeout}s")
+        child.await_ready(self.config.startup_timeout)
+        logger.info("%s ready on %s", child.name, child.address)
 
     def _worker_args(self, worker_id: str) -> list[str]:
         c = self.config
@@ -150,23 +232,26 @@ class LocalStack:
     def start(self) -> None:
         c = self.config
         try:
-            vision = [self._spawn(f"vision-{i}", "vision_worker.server", self._vision_args(i))
-                      for i in range(c.num_vision)]  # fmt: skip
+            vision = [
+                self._spawn_worker(f"vision-{i}", "vision_worker.server", self._vision_args(i))
+                for i in range(c.num_vision)
+            ]
             for child in vision:
                 self._await_ready(child)
-            router_args = ["--model-path", c.model_path, "--host", c.internal_host,
+            head = self.spawner.head_host
+            router_args = ["--model-path", c.model_path, "--host", head,
                            "--served-model-name", c.served_model_name, "--policy", c.policy,
                            "--context-length", str(c.context_length)]  # fmt: skip
-            router_args += self._media_args([f"{c.internal_host}:{v.port}" for v in vision])
-            router = self._spawn("router", "router.server", router_args)
+            router_args += self._media_args([v.address for v in vision])
+            router = self._spawn("router", "router.server", router_args, host=head)
             self._await_ready(router)
-            self.router_address = f"{c.internal_host}:{router.port}"
+            self.router_address = router.address
             self.scale({"decode": c.num_decode, "prefill": c.num_prefill})
             gateway_args = ["--host", c.host, "--port", str(c.port), "--router",
                             self.router_address, "--served-model-name", c.served_model_name]  # fmt: skip
             if c.api_key:
                 gateway_args += ["--api-key", c.api_key]
-            self._await_ready(self._spawn("gateway", "router.gateway_main", gateway_args))
+            self._await_ready(self._spawn("gateway", "router.gateway_main", gateway_args, c.host))
         except BaseException:
             self.stop()
             raise
@@ -174,7 +259,22 @@ class LocalStack:
     def workers(self, role: str) -> list[Child]:
         return [c for c in self.children if c.name.startswith(f"{role}-")]
 
+    def start_autoscaler(self) -> None:
+        c = self.config
+        config = PlannerConfig(interval=c.autoscale_interval, min_prefill=c.min_prefill,
+                               max_prefill=c.max_prefill, min_decode=c.min_decode,
+                               max_decode=c.max_decode)  # fmt: skip
+        thread = threading.Thread(target=run_planner, args=(self, config, self._stop_planner),
+                                  name="autoscaler", daemon=True)  # fmt: skip
+        thread.start()
+        logger.info("autoscaling prefill %d-%d, decode %d-%d every %.1fs", c.min_prefill,
+                    c.max_prefill, c.min_decode, c.max_decode, c.autoscale_interval)  # fmt: skip
+
     def scale(self, sizes: dict[str, int]) -> dict[str, int]:
+        with self._scale_lock:  # one change at a time (operator and planner)
+            return self._scale(sizes)
+
+    def _scale(self, sizes: dict[str, int]) -> dict[str, int]:
         """Grows or shrinks pools to `sizes` while serving; a leaving worker drains first.
 
         New workers register with the router before they report ready. Shrinking removes the
@@ -187,7 +287,9 @@ class LocalStack:
             next_index = max((int(c.name.rsplit("-", 1)[1]) + 1 for c in current), default=0)
             for i in range(next_index, next_index + max(0, size - len(current))):
                 name = f"{role}-{i}"
-                spawned.append(self._spawn(name, ROLE_MODULES[role], self._worker_args(name)))
+                spawned.append(
+                    self._spawn_worker(name, ROLE_MODULES[role], self._worker_args(name))
+                )
             for child in current[size:][::-1] if size < len(current) else []:
                 self._retire(child)
         for child in spawned:
@@ -204,8 +306,9 @@ class LocalStack:
                 logger.warning("%s still had %d requests after draining; stopping it anyway",
                                child.name, drained.num_inflight)  # fmt: skip
             child.retiring = True
-            _signal_group(child.process, signal.SIGTERM)
-            child.process.wait(10)
+            child.signal(signal.SIGTERM)
+            child.wait(10)
+            child.close()
             control.Remove(ctl.RemoveRequest(worker_id=child.name))
         self.children.remove(child)
         logger.info("%s left its pool", child.name)
@@ -216,23 +319,24 @@ class LocalStack:
 
     def dead_child(self) -> Child | None:
         return next(
-            (c for c in list(self.children) if c.process.poll() is not None and not c.retiring),
+            (c for c in list(self.children) if not c.retiring and c.poll() is not None),
             None,
         )
 
     def stop(self, grace: float = 5.0) -> None:
+        self._stop_planner.set()
         for child in reversed(self.children):
-            _signal_group(child.process, signal.SIGTERM)
+            child.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for child in self.children:
             try:
-                child.process.wait(max(0.0, deadline - time.monotonic()))
+                child.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal_group(child.process, signal.SIGKILL)
-                child.process.wait()
-            if child.process.stdout:
-                child.process.stdout.close()
+                child.signal(signal.SIGKILL)
+                child.wait(None)
+            child.close()
         self.children = []
+        self.spawner.close()
 
 
 def _die_with_parent() -> None:
@@ -252,7 +356,6 @@ class LauncherServicer(ctl_grpc.LauncherServicer):
 
     def __init__(self, stack: LocalStack) -> None:
         self.stack = stack
-        self._lock = threading.Lock()
 
     def Scale(self, request: ctl.ScaleRequest, context) -> ctl.ScaleResponse:
         unknown = set(request.pool_sizes) - set(ROLE_MODULES)
@@ -260,8 +363,7 @@ class LauncherServicer(ctl_grpc.LauncherServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"bad pool sizes {dict(request.pool_sizes)}"
             )
-        with self._lock:  # one change at a time
-            return ctl.ScaleResponse(pool_sizes=self.stack.scale(dict(request.pool_sizes)))
+        return ctl.ScaleResponse(pool_sizes=self.stack.scale(dict(request.pool_sizes)))
 
     def ListWorkers(self, request, context) -> ctl.ListWorkersResponse:
         with grpc.insecure_channel(self.stack.router_address) as channel:
@@ -276,6 +378,17 @@ def serve_launcher_control(stack: LocalStack) -> grpc.Server:
     return server
 
 
+def make_stack(config: StackConfig) -> LocalStack:
+    """The stack `config.launcher` asks for (not started)."""
+    if config.launcher == "ray":
+        from deploy.ray_launcher import RaySpawner  # imports Ray, only when asked for
+
+        return LocalStack(config, RaySpawner(config))
+    if config.launcher != "local":
+        raise ValueError(f"--launcher is 'local' or 'ray', not {config.launcher!r}")
+    return LocalStack(config)
+
+
 def run_until_interrupted(config: StackConfig) -> int:
     """`kimiserve up`: serve until Ctrl-C or a child dies."""
     stop = {"signal": None}
@@ -285,14 +398,16 @@ def run_until_interrupted(config: StackConfig) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    with LocalStack(config) as stack:
+    with make_stack(config) as stack:
         control = serve_launcher_control(stack)
+        if config.autoscale:
+            stack.start_autoscaler()
         logger.info("kimiserve is up: %s/v1 (model %s); control on %s:%d", stack.base_url,
                     config.served_model_name, config.internal_host, config.control_port)  # fmt: skip
         while stop["signal"] is None:
             dead = stack.dead_child()
             if dead is not None:
-                logger.error("%s exited with %s; stopping", dead.name, dead.process.returncode)
+                logger.error("%s exited with %s; stopping", dead.name, dead.poll())
                 return 1
             time.sleep(0.5)
         control.stop(grace=None)
