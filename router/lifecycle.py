@@ -1,7 +1,9 @@
 """One sample's trip through the workers (decode-first push, DESIGN.md section 4).
 
 1. Open `DecodeWorker.Generate`: the decode worker reserves pages and answers with a
-   `TransferDescriptor` (or RESOURCE_EXHAUSTED when full).
+   `TransferDescriptor`, or RESOURCE_EXHAUSTED when full. A full pool is back-pressure: the
+   sample waits (at most `QUEUE_TIMEOUT_S`, at most `MAX_QUEUED` samples at once) and tries
+   again, then fails with 503 and Retry-After.
 2. Call `PrefillWorker.Prefill` with that descriptor: the prefill worker computes the KV, pushes
    it into the reserved pages and samples the first token.
 3. Read tokens from the decode stream until it reports a finish reason.
@@ -24,6 +26,9 @@ from router import metrics
 from router.pools import Pool
 
 logger = logging.getLogger(__name__)
+
+QUEUE_TIMEOUT_S = 30.0
+MAX_QUEUED = 1024
 
 
 class SampleError(Exception):
@@ -64,25 +69,20 @@ async def run_sample(
 
     `exclude` names workers to avoid when others are ready (a retry after a lost worker).
     """
-    decode = decode_pool.pick(prompt_ids, exclude)
     prefill = prefill_pool.pick(prompt_ids, exclude)
-    if decode is None or prefill is None:
-        empty = "decode" if decode is None else "prefill"
-        raise SampleError(f"no {empty} worker is available; retry later", 503, 1, retryable=False)
+    if prefill is None:
+        raise SampleError("no prefill worker is available; retry later", 503, 1)
     decode_req = pb.DecodeRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling
     )
-    stream = decode.stub.Generate(decode_req)
     timer = metrics.SampleTimer(len(prompt_ids))
+    decode, stream, first = await _reserve(decode_pool, decode_req, exclude)
+    timer.reserved()
     prefill_call = None
     for worker in (decode, prefill):
         worker.num_inflight += 1
         worker.num_served += 1
     try:
-        first = await stream.read()
-        if first is grpc.aio.EOF or not first.HasField("reservation"):
-            raise SampleError("decode worker closed the stream before reserving pages", 503, 1)
-        timer.reserved()
         prefill_req = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                                         sampling=sampling, destination=first.reservation,
                                         images=images)  # fmt: skip
@@ -108,11 +108,7 @@ async def run_sample(
         raise
     except grpc.aio.AioRpcError as exc:
         metrics.FAILURES.labels(exc.code().name.lower()).inc()
-        status = _status_to_http(exc.code())
-        lost = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
-                              grpc.StatusCode.UNKNOWN)  # fmt: skip
-        raise SampleError(f"{exc.code().name}: {exc.details()}", status, 1 if status == 503 else 0,
-                          retryable=lost) from exc  # fmt: skip
+        raise _sample_error(exc) from exc
     finally:
         decode.num_inflight -= 1
         if prefill_call is None:
@@ -120,6 +116,49 @@ async def run_sample(
         stream.cancel()
         if prefill_call is not None and not prefill_call.done():
             prefill_call.cancel()
+
+
+async def _reserve(pool: Pool, request: pb.DecodeRequest, exclude: frozenset[str]):
+    """Opens a decode stream whose first message is a reservation; waits while pools are full."""
+    deadline = asyncio.get_running_loop().time() + QUEUE_TIMEOUT_S
+    delay, queued = 0.01, False
+    try:
+        while True:
+            decode = pool.pick(list(request.prompt_token_ids), exclude)
+            if decode is None:
+                raise SampleError("no decode worker is available; retry later", 503, 1)
+            stream = decode.stub.Generate(request)
+            try:
+                first = await stream.read()
+            except grpc.aio.AioRpcError as exc:
+                full = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                now = asyncio.get_running_loop().time()
+                if not full or now + delay > deadline:
+                    raise
+                if not queued:
+                    if pool.num_queued >= MAX_QUEUED:
+                        raise SampleError("too many requests wait for KV pages", 503, 1) from exc
+                    queued, pool.num_queued = True, pool.num_queued + 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            if first is grpc.aio.EOF or not first.HasField("reservation"):
+                stream.cancel()
+                raise SampleError("decode worker closed the stream before reserving pages", 503, 1)
+            return decode, stream, first
+    except grpc.aio.AioRpcError as exc:
+        raise _sample_error(exc) from exc
+    finally:
+        if queued:
+            pool.num_queued -= 1
+
+
+def _sample_error(exc: grpc.aio.AioRpcError) -> SampleError:
+    status = _status_to_http(exc.code())
+    lost = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+                          grpc.StatusCode.UNKNOWN)  # fmt: skip
+    return SampleError(f"{exc.code().name}: {exc.details()}", status, 1 if status == 503 else 0,
+                       retryable=lost)  # fmt: skip
 
 
 def _observe_prefill(call: asyncio.Future, timer: metrics.SampleTimer) -> None:

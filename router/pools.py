@@ -98,6 +98,7 @@ class Pool:
         self._workers: dict[str, Worker] = {}
         self._turn = itertools.count()
         self.prefixes = PrefixIndex()
+        self.num_queued = 0  # samples waiting for a worker of this pool to have room
 
     @property
     def workers(self) -> list[Worker]:
