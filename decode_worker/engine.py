@@ -6,7 +6,9 @@ first token the prefill worker sampled -> one token per step until a stop condit
 freed. Pages are freed exactly once on every path: finish, abort, failed transfer.
 
 Threads: gRPC handlers call `reserve`, `abort` and read `Request.outputs`; the KV receiver calls
-`on_transfer_done`; only the engine loop touches `running` and runs the model.
+`on_transfer_done`; only the engine loop touches `running` and runs the model. The loop is
+`run_once` repeated; an in-process driver (`decode_worker/colocated.py`) may call `run_once`
+itself instead of starting the thread.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from shared.kv_cache import pages_needed
 from shared.kv_transfer import TransferState
 from shared.messages import KVPushMsg
 from shared.runner import ModelRunner, SeqStep
-from shared.sampling import Sampled, SamplingConfig, sample_one
+from shared.sampling import Sampled, SamplingConfig, sample_batch
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,12 @@ class DecodeEngine:
             return request.page_table
 
     def on_transfer_done(self, request_id: str, push: KVPushMsg, error: str) -> None:
+        first = Sampled(push.first_token, push.first_logprob, list(push.first_top_logprobs))
+        self.on_kv_ready(request_id, first, error)
+
+    def on_kv_ready(self, request_id: str, first: Sampled | None, error: str = "") -> None:
+        """The prompt's latents are in the request's pages (or `error` says why not): the
+        request joins the running batch at the next step, starting with `first`."""
         with self._lock:
             request = self._requests.get(request_id)
         if request is None:
@@ -104,8 +112,8 @@ class DecodeEngine:
             request.state = TransferState.FAILED
             self._finish(request, "abort" if request.aborted else "error", error)
             return
+        assert first is not None, "a successful prefill brings its first token"
         request.state = TransferState.DONE
-        first = Sampled(push.first_token, push.first_logprob, list(push.first_top_logprobs))
         self._admit.put((request, first))
         self._wakeup.set()
 
@@ -130,6 +138,10 @@ class DecodeEngine:
 
     def num_free_pages(self) -> int:
         return self.runner.allocator.num_free
+
+    def has_admissions(self) -> bool:
+        """Requests whose KV is in place but that have not joined the running batch yet."""
+        return not self._admit.empty()
 
     # ------------------------------------------------------------ engine loop
 
@@ -184,22 +196,28 @@ class DecodeEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._expire_reservations()
-            self._admit_new()
-            for request in [r for r in self.running if r.aborted]:
-                self.running.remove(request)
-                self._finish(request, "abort", "aborted")
-            if not self.running:
+            if not self.run_once():
                 self._wakeup.wait(0.05)
                 self._wakeup.clear()
-                continue
-            try:
-                self.step()
-            except Exception as exc:  # a failed step fails its requests, not the worker
-                logger.exception("decode step failed")
-                for request in self.running:
-                    self._finish(request, "error", f"decode step failed: {exc}")
-                self.running = []
+
+    def run_once(self) -> bool:
+        """Expires stale reservations, admits arrived requests, drops aborted ones and runs one
+        step; returns False when there was nothing to run."""
+        self._expire_reservations()
+        self._admit_new()
+        for request in [r for r in self.running if r.aborted]:
+            self.running.remove(request)
+            self._finish(request, "abort", "aborted")
+        if not self.running:
+            return False
+        try:
+            self.step()
+        except Exception as exc:  # a failed step fails its requests, not the worker
+            logger.exception("decode step failed")
+            for request in self.running:
+                self._finish(request, "error", f"decode step failed: {exc}")
+            self.running = []
+        return True
 
     def step(self) -> None:
         """One decode step for every running request: feed the last token, sample the next."""
@@ -216,11 +234,12 @@ class DecodeEngine:
         self.running = batch
         if not batch:
             return
-        logits = self.runner.run(steps)
-        still_running = []
-        for row, request in zip(logits, batch):
-            sampled = sample_one(row, request.sampling, len(request.output_ids),
-                                 request.prompt_ids, request.output_ids)  # fmt: skip
-            if self._emit(request, sampled):
-                still_running.append(request)
-        self.running = still_running
+        logits = self.runner.run(steps)  # [B, V]
+        sampled = sample_batch(
+            logits,
+            [r.sampling for r in batch],
+            [len(r.output_ids) for r in batch],
+            [r.prompt_ids for r in batch],
+            [r.output_ids for r in batch],
+        )
+        self.running = [r for r, s in zip(batch, sampled) if self._emit(r, s)]

@@ -1,7 +1,14 @@
-"""The prefill engine: batches waiting prompts into one ragged forward pass.
+"""The prefill engine: batches waiting prompts into ragged forward passes of bounded size.
 
-Each job's latents are computed into pages of this worker's own cache, copied out as one tensor
-[L, S, r+R] for the KV sender, and the pages are freed before the job's future resolves.
+Each forward (`step`) takes at most `max_prefill_chunk` prompt tokens: first the next chunks of
+prompts already started, in arrival order, then new prompts while the budget and the free pages
+last. A prompt longer than the budget spans several steps (chunked prefill); its later chunks
+attend over the latents its earlier chunks left in the cache. A job gets all its pages when it
+starts. When its last chunk has run, its first token is sampled, its latents are copied out as
+one tensor [L, S, r+R] for the KV sender, and its pages are freed before its future resolves.
+
+Threads: `submit` is called from gRPC handlers; `step` runs on the engine thread (`start`) or,
+with the thread not started, on the caller's (an in-process driver).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class PrefillJob:
     prompt_ids: list[int]
     sampling: SamplingConfig
     future: Future = dataclasses.field(default_factory=Future)
+    input_embeds: torch.Tensor | None = None  # [S, D] with image rows spliced in; None: text only
 
 
 @dataclasses.dataclass
@@ -35,18 +43,40 @@ class PrefillResult:
     kv: torch.Tensor  # [L, S, r+R]
 
 
+@dataclasses.dataclass
+class _Started:
+    """A job whose pages are allocated; `num_done` prompt tokens are in the cache."""
+
+    job: PrefillJob
+    pages: list[int]
+    num_done: int = 0
+
+    @property
+    def num_left(self) -> int:
+        return len(self.job.prompt_ids) - self.num_done
+
+    def embeds(self, num: int) -> torch.Tensor | None:
+        """Input embeddings [num, D] of the next `num` prompt tokens, if the job brought any."""
+        rows = self.job.input_embeds
+        return None if rows is None else rows[self.num_done : self.num_done + num]
+
+
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, max_batch_tokens: int = 8192) -> None:
+    def __init__(self, runner: ModelRunner, max_prefill_chunk: int = 8192) -> None:
+        assert max_prefill_chunk >= 1, max_prefill_chunk
         self.runner = runner
-        self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_chunk = max_prefill_chunk
         self._jobs: queue.Queue[PrefillJob] = queue.Queue()
         self._pending: list[PrefillJob] = []
+        self._started: list[_Started] = []
         self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, job: PrefillJob) -> Future:
+        if not job.prompt_ids:
+            raise ValueError("empty prompt")
         total = pages_needed(len(job.prompt_ids), self.runner.page_size)
         if total > self.runner.allocator.num_pages:
             raise ValueError(f"prompt of {len(job.prompt_ids)} tokens exceeds this worker's cache")
@@ -55,48 +85,87 @@ class PrefillEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self._jobs.qsize() + len(self._pending)
+        """Jobs not finished yet: queued, waiting for pages, or part-way through."""
+        return self._jobs.qsize() + len(self._pending) + len(self._started)
 
-    def _take_batch(self) -> list[tuple[PrefillJob, list[int]]]:
-        """Jobs that fit the token budget and the free pages, in arrival order."""
-        if not self._pending:
-            self._pending.append(self._jobs.get())
-        while not self._jobs.empty():
-            self._pending.append(self._jobs.get_nowait())
-        batch, tokens = [], 0
-        for job in list(self._pending):
-            num_pages = pages_needed(len(job.prompt_ids), self.runner.page_size)
-            over_budget = batch and tokens + len(job.prompt_ids) > self.max_batch_tokens
-            if over_budget or not self.runner.allocator.can_allocate(num_pages):
-                break
-            self._pending.remove(job)
-            if not job.future.set_running_or_notify_cancel():
-                continue  # the caller went away while the job waited
-            batch.append((job, self.runner.allocator.allocate(num_pages)))
-            tokens += len(job.prompt_ids)
-        return batch
+    def has_work(self) -> bool:
+        return self.num_waiting > 0
 
     def _loop(self) -> None:
         while True:
-            batch = self._take_batch()
-            if not batch:
-                continue
-            try:
-                self._run(batch)
-            except Exception as exc:  # a failed batch fails its jobs, not the worker
-                logger.exception("prefill batch failed")
-                for job, _ in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-            finally:
-                for _, pages in batch:
-                    self.runner.allocator.free(pages)
+            if not self._pending and not self._started:
+                self._pending.append(self._jobs.get())  # sleeps until a job arrives
+            self.step()
 
-    def _run(self, batch: list[tuple[PrefillJob, list[int]]]) -> None:
-        steps = [SeqStep(job.prompt_ids, 0, pages) for job, pages in batch]
+    def step(self) -> int:
+        """Runs one forward over up to `max_prefill_chunk` prompt tokens; never blocks.
+
+        Returns the number of prompt tokens it ran (0: nothing to do)."""
+        self._drain_queue()
+        chunks = self._plan()
+        if not chunks:
+            return 0
+        try:
+            self._run(chunks)
+        except Exception as exc:  # a failed step fails its jobs, not the worker
+            logger.exception("prefill step failed")
+            failed = [started for started, _ in chunks if started in self._started]
+            for started in failed:
+                self._started.remove(started)
+                self.runner.allocator.free(started.pages)
+                started.job.future.set_exception(exc)
+        return sum(num for _, num in chunks)
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._pending.append(self._jobs.get_nowait())
+            except queue.Empty:
+                return
+
+    def _plan(self) -> list[tuple[_Started, int]]:
+        """(job, chunk length) pairs for the next forward, within the token budget."""
+        budget = self.max_prefill_chunk
+        chunks = []
+        for started in self._started:
+            if budget == 0:
+                return chunks
+            num = min(started.num_left, budget)
+            chunks.append((started, num))
+            budget -= num
+        while budget > 0 and self._pending:
+            job = self._pending[0]
+            num_pages = pages_needed(len(job.prompt_ids), self.runner.page_size)
+            if not self.runner.allocator.can_allocate(num_pages):
+                break  # arrival order: later jobs wait too
+            self._pending.pop(0)
+            if not job.future.set_running_or_notify_cancel():
+                continue  # the caller went away while the job waited
+            started = _Started(job, self.runner.allocator.allocate(num_pages))
+            self._started.append(started)
+            num = min(started.num_left, budget)
+            chunks.append((started, num))
+            budget -= num
+        return chunks
+
+    def _run(self, chunks: list[tuple[_Started, int]]) -> None:
+        steps = [
+            SeqStep(
+                s.job.prompt_ids[s.num_done : s.num_done + num], s.num_done, s.pages, s.embeds(num)
+            )
+            for s, num in chunks
+        ]
         logits = self.runner.run(steps)  # [B, V]
-        for row, (job, pages) in zip(logits, batch):
-            first = sample_one(row, job.sampling, 0, job.prompt_ids)
-            ckv, kpe = self.runner.cache.gather(pages, len(job.prompt_ids))
-            kv = torch.cat([ckv, kpe], dim=-1)  # [L, S, r+R]
-            job.future.set_result(PrefillResult(first, kv))
+        for row, (started, num) in zip(logits, chunks):
+            started.num_done += num
+            if started.num_left == 0:
+                self._finish(started, row)
+
+    def _finish(self, started: _Started, last_logits: torch.Tensor) -> None:
+        job = started.job
+        first = sample_one(last_logits, job.sampling, 0, job.prompt_ids)
+        ckv, kpe = self.runner.cache.gather(started.pages, len(job.prompt_ids))
+        kv = torch.cat([ckv, kpe], dim=-1)  # [L, S, r+R]
+        self._started.remove(started)
+        self.runner.allocator.free(started.pages)
+        job.future.set_result(PrefillResult(first, kv))

@@ -41,6 +41,7 @@ class OpenAIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after: int = 0,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -48,14 +49,15 @@ class OpenAIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after = retry_after  # seconds; 0: the default for a retryable status
 
     def body(self) -> dict[str, Any]:
         error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         return {"error": error}
 
     def headers(self) -> dict[str, str]:
-        if self.status in _RETRYABLE_STATUSES:
-            return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        if self.retry_after > 0 or self.status in _RETRYABLE_STATUSES:
+            return {"Retry-After": str(self.retry_after or RETRY_AFTER_SECONDS)}
         if self.status == 401:
             return {"WWW-Authenticate": "Bearer"}
         return {}
@@ -78,7 +80,8 @@ def router_unavailable(detail: str) -> OpenAIError:
 
 
 def from_proto_error(error: pb.Error) -> OpenAIError:
-    """The router's error chunk, with its status kept when it is a valid 4xx/5xx."""
+    """The router's error, with its status kept when it is a valid 4xx/5xx and its
+    `retry_after_seconds` as the `Retry-After` header."""
     status = error.http_status
     if not 400 <= status <= 599:
         logger.warning("router sent an error with status %d; answering 502", status)
@@ -89,6 +92,7 @@ def from_proto_error(error: pb.Error) -> OpenAIError:
         type=error.type or ("invalid_request_error" if status < 500 else "server_error"),
         param=error.param or None,
         code=error.code or None,
+        retry_after=max(error.retry_after_seconds, 0),
     )
 
 

@@ -121,10 +121,36 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
-class GenerationRequest(_Model):
-    """Fields shared by chat and text completions."""
+class ApiRequest(_Model):
+    """Fields and body handling shared by every endpoint that takes a JSON body."""
 
     model: str | None = None
+    extra_body: dict[str, Any] | None = None
+
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _merge_extra_body(cls, data: Any, handler: Any) -> Any:
+        data = merge_extra_body(data)
+        request = handler(data)
+        if isinstance(data, dict):
+            request._raw = {k: data[k] for k in _RAW_JSON_FIELDS if data.get(k) is not None}
+        return request
+
+    def raw_json(self, field: str) -> str:
+        """The client's value of a JSON-forwarded field as JSON text, "" when unset."""
+        value = self._raw.get(field)
+        return "" if value is None else json.dumps(value, ensure_ascii=False)
+
+    def check(self) -> None:
+        """Cross-field rules; raises `OpenAIError` (400) naming the field."""
+
+
+class GenerationRequest(ApiRequest):
+    """Fields shared by chat and text completions. Sampling fields left out stay None and
+    travel unset, so the router applies the model's defaults."""
+
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -143,23 +169,6 @@ class GenerationRequest(_Model):
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     user: str | None = None
-    extra_body: dict[str, Any] | None = None
-
-    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _merge_extra_body(cls, data: Any, handler: Any) -> Any:
-        data = merge_extra_body(data)
-        request = handler(data)
-        if isinstance(data, dict):
-            request._raw = {k: data[k] for k in _RAW_JSON_FIELDS if data.get(k) is not None}
-        return request
-
-    def raw_json(self, field: str) -> str:
-        """The client's value of a JSON-forwarded field as JSON text, "" when unset."""
-        value = self._raw.get(field)
-        return "" if value is None else json.dumps(value, ensure_ascii=False)
 
     @property
     def stop_list(self) -> list[str]:
@@ -197,13 +206,25 @@ class ChatCompletionRequest(GenerationRequest):
         """`max_completion_tokens` wins over the deprecated `max_tokens`; 0 lets the router decide."""
         return self.max_completion_tokens or self.max_tokens or 0
 
+    @property
+    def completion_limit_param(self) -> str:
+        """The field `completion_limit` came from, named in the router's length errors."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
+    @property
+    def logprobs_requested(self) -> bool:
+        return bool(self.logprobs)
+
     def check(self) -> None:
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise invalid_request("`top_logprobs` needs `logprobs` set to true", "top_logprobs")
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":
-            message = f"response_format.type {kind!r} is not supported; only 'text' is"
+            message = (
+                f"response_format.type {kind!r} is not supported: this server has no "
+                "constrained decoding yet; only 'text' is"
+            )
             raise invalid_request(message, "response_format.type")
         self._check_tool_choice()
 
@@ -226,6 +247,10 @@ class CompletionRequest(GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
+
+    @property
+    def logprobs_requested(self) -> bool:
+        return self.logprobs is not None
 
     @property
     def single_prompt(self) -> str | list[int]:
@@ -252,6 +277,41 @@ class CompletionRequest(GenerationRequest):
             raise invalid_request("`suffix` is not supported", "suffix")
         if self.echo and not isinstance(self.single_prompt, str):
             raise invalid_request("`echo` needs a text prompt, not token ids", "echo")
+
+
+class TokenizeRequest(ApiRequest):
+    """vLLM's `/tokenize`: a text `prompt`, or chat `messages` rendered with the template.
+
+    `add_special_tokens` is accepted for compatibility and has no effect: kimiserve adds no BOS
+    on any path, so the ids are exactly what generation would use. `return_text` (kimiserve's
+    addition) returns the rendered prompt.
+    """
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[ToolDef] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+    return_text: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise invalid_request("give exactly one of `prompt` and `messages`", "messages")
+        if self.messages is not None and not self.messages:
+            raise invalid_request("`messages` must not be empty", "messages")
+        if self.continue_final_message:
+            raise invalid_request(
+                "`continue_final_message` is not supported", "continue_final_message"
+            )
+
+
+class DetokenizeRequest(ApiRequest):
+    """vLLM's `/detokenize`: token ids back to text, special tokens kept."""
+
+    tokens: list[TokenId]
 
 
 def merge_extra_body(data: Any) -> Any:

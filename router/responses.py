@@ -6,6 +6,10 @@ chunk into events as it arrives. Both apply the same rules, so the two paths agr
 - tool-call deltas accumulate per tool-call `index` (the first delta of a call carries its id and
   name, later ones append arguments);
 - a choice that produced tool calls and stopped normally finishes with "tool_calls";
+- a tool call the router reports unfinished (output cut off inside it) has been streamed but is
+  left out of the non-streaming answer;
+- log-probabilities, when asked, list every generated token in order (chat:
+  `logprobs.content`; text completions: the legacy `tokens` / `token_logprobs` lists);
 - usage comes from the last chunk that carried it.
 """
 
@@ -18,6 +22,8 @@ from typing import Any
 from proto import kimiserve_pb2 as pb
 
 DONE_EVENT = b"data: [DONE]\n\n"
+# JSON has no -inf: a log-probability below this is sent as this (vLLM does the same).
+MIN_LOGPROB = -9999.0
 
 
 def sse(payload: dict[str, Any]) -> bytes:
@@ -44,6 +50,40 @@ def finish_reason(reason: str, has_tool_calls: bool) -> str | None:
     return reason or None
 
 
+def _logprob(value: float) -> float:
+    return value if value >= MIN_LOGPROB else MIN_LOGPROB  # also maps NaN
+
+
+def _token_logprob(token: pb.LogprobToken) -> dict[str, Any]:
+    return {
+        "token": token.token,
+        "logprob": _logprob(token.logprob),
+        "bytes": list(token.token_bytes),
+    }
+
+
+def chat_logprobs(positions: list[pb.PositionLogprobs]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` object for generated positions."""
+    content = [
+        {**_token_logprob(p.sampled), "top_logprobs": [_token_logprob(t) for t in p.top]}
+        for p in positions
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(positions: list[pb.PositionLogprobs], offset: int) -> dict[str, Any]:
+    """The legacy completions `logprobs` object; `offset` is the text offset of the first token."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    out["text_offset"] = []
+    for position in positions:
+        out["tokens"].append(position.sampled.token)
+        out["token_logprobs"].append(_logprob(position.sampled.logprob))
+        out["top_logprobs"].append({t.token: _logprob(t.logprob) for t in position.top})
+        out["text_offset"].append(offset)
+        offset += len(position.sampled.token)
+    return out
+
+
 @dataclasses.dataclass
 class _ToolCallState:
     id: str = ""
@@ -60,6 +100,7 @@ class _ChoiceState:
     content: list[str] = dataclasses.field(default_factory=list)
     reasoning: list[str] = dataclasses.field(default_factory=list)
     tool_calls: dict[int, _ToolCallState] = dataclasses.field(default_factory=dict)
+    logprobs: list[pb.PositionLogprobs] = dataclasses.field(default_factory=list)
     finish_reason: str = ""
 
     def add(self, delta: pb.ChoiceDelta) -> None:
@@ -70,6 +111,9 @@ class _ChoiceState:
             call.id = call.id or call_delta.id
             call.name = call.name or call_delta.name
             call.arguments.append(call_delta.arguments)
+        for index in delta.unfinished_tool_calls:
+            self.tool_calls.pop(index, None)
+        self.logprobs.extend(delta.logprobs)
         self.finish_reason = delta.finish_reason or self.finish_reason
 
     def message(self) -> dict[str, Any]:
@@ -87,15 +131,13 @@ class _ChoiceState:
 
 
 class Collector:
-    """Accumulates one router stream into a `chat.completion` or `text_completion` object.
+    """Accumulates one router stream into a `chat.completion` or `text_completion` object;
+    `logprobs` says whether the client asked for log-probabilities."""
 
-    Limitation: `ChoiceDelta` carries no log-probabilities, so every choice answers
-    `"logprobs": null` even when the client asked for them; the wire message needs a field first.
-    """
-
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, logprobs: bool = False) -> None:
         self._choices = {i: _ChoiceState() for i in range(n)}
         self._usage = pb.Usage()
+        self._logprobs = logprobs
 
     def add(self, chunk: pb.GenerateChunk) -> None:
         for delta in chunk.choices:
@@ -108,7 +150,7 @@ class Collector:
             {
                 "index": i,
                 "message": c.message(),
-                "logprobs": None,
+                "logprobs": chat_logprobs(c.logprobs) if self._logprobs else None,
                 "finish_reason": c.final_reason(),
             }
             for i, c in sorted(self._choices.items())
@@ -122,7 +164,7 @@ class Collector:
             {
                 "index": i,
                 "text": echo + "".join(c.reasoning) + "".join(c.content),
-                "logprobs": None,
+                "logprobs": completion_logprobs(c.logprobs, len(echo)) if self._logprobs else None,
                 "finish_reason": c.final_reason(),
             }
             for i, c in sorted(self._choices.items())
@@ -147,7 +189,9 @@ class _StreamWriter:
 
     object_name = ""
 
-    def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, request_id: str, created: int, model: str, include_usage: bool,
+                 logprobs: bool = False) -> None:  # fmt: skip
+        self._logprobs = logprobs
         self._header = {
             "id": request_id,
             "object": self.object_name,
@@ -156,7 +200,7 @@ class _StreamWriter:
         }
         self._include_usage = include_usage
         self._usage = pb.Usage()
-        self._has_tool_calls: set[int] = set()
+        self._tool_calls: dict[int, set[int]] = {}  # per choice: indices of its tool calls
 
     def events(self, chunk: pb.GenerateChunk) -> list[bytes]:
         """The events of one router chunk, in order: deltas per choice, then finish reasons."""
@@ -164,8 +208,9 @@ class _StreamWriter:
             self._usage.CopyFrom(chunk.usage)
         events = []
         for delta in chunk.choices:
-            if delta.tool_calls:
-                self._has_tool_calls.add(delta.index)
+            calls = self._tool_calls.setdefault(delta.index, set())
+            calls.update(c.index for c in delta.tool_calls)
+            calls.difference_update(delta.unfinished_tool_calls)
             events.extend(self._choice_events(delta))
         return events
 
@@ -182,7 +227,7 @@ class _StreamWriter:
         return sse(payload)
 
     def _finish_reason(self, delta: pb.ChoiceDelta) -> str | None:
-        return finish_reason(delta.finish_reason, delta.index in self._has_tool_calls)
+        return finish_reason(delta.finish_reason, bool(self._tool_calls.get(delta.index)))
 
     def _choice_events(self, delta: pb.ChoiceDelta) -> list[bytes]:
         raise NotImplementedError
@@ -205,14 +250,18 @@ class ChatStreamWriter(_StreamWriter):
             body["content"] = delta.content
         if delta.tool_calls:
             body["tool_calls"] = [_tool_call_delta(c) for c in delta.tool_calls]
-        events = [self._chat_event(delta.index, body, None)] if body else []
+        logprobs = chat_logprobs(list(delta.logprobs)) if self._logprobs else None
+        events = []
+        if body or (logprobs and delta.logprobs):
+            events.append(self._chat_event(delta.index, body, None, logprobs))
         if delta.finish_reason:
             events.append(self._chat_event(delta.index, {}, self._finish_reason(delta)))
         return events
 
-    def _chat_event(self, index: int, body: dict[str, Any], reason: str | None) -> bytes:
+    def _chat_event(self, index: int, body: dict[str, Any], reason: str | None,
+                    logprobs: dict[str, Any] | None = None) -> bytes:  # fmt: skip
         return self._event(
-            {"index": index, "delta": body, "logprobs": None, "finish_reason": reason}
+            {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": reason}
         )
 
 
@@ -221,19 +270,30 @@ class CompletionStreamWriter(_StreamWriter):
 
     object_name = "text_completion"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._offsets: dict[int, int] = {}  # text offset of each choice's next token
+
     def start(self, n: int, echo: str) -> list[bytes]:
+        self._offsets = dict.fromkeys(range(n), len(echo))
         return [self._text_event(i, echo, None) for i in range(n)] if echo else []
 
     def _choice_events(self, delta: pb.ChoiceDelta) -> list[bytes]:
         text = delta.reasoning_content + delta.content
-        events = [self._text_event(delta.index, text, None)] if text else []
+        logprobs = None
+        if self._logprobs and delta.logprobs:
+            offset = self._offsets.get(delta.index, 0)
+            logprobs = completion_logprobs(list(delta.logprobs), offset)
+            self._offsets[delta.index] = offset + sum(len(t) for t in logprobs["tokens"])
+        events = [self._text_event(delta.index, text, None, logprobs)] if text or logprobs else []
         if delta.finish_reason:
             events.append(self._text_event(delta.index, "", self._finish_reason(delta)))
         return events
 
-    def _text_event(self, index: int, text: str, reason: str | None) -> bytes:
+    def _text_event(self, index: int, text: str, reason: str | None,
+                    logprobs: dict[str, Any] | None = None) -> bytes:  # fmt: skip
         return self._event(
-            {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         )
 
 

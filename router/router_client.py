@@ -22,6 +22,7 @@ from router.errors import ClientGone, from_proto_error, from_rpc_error, router_u
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0
+UNARY_TIMEOUT_S = 60.0  # tokenizing a prompt near the body limit takes seconds, not minutes
 MIN_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -55,6 +56,28 @@ class RouterClient:
         if self._stub is None:
             raise router_unavailable("the gateway is not started")
         return RouterCall(self._stub.Generate(request), http_request)
+
+    async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        """`Router.Tokenize`; raises `OpenAIError` for an invalid request or a failed call."""
+        response = await self._unary("Tokenize", request)
+        if response.HasField("error"):
+            raise from_proto_error(response.error)
+        return response
+
+    async def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        """`Router.Detokenize`; raises `OpenAIError` for an invalid request or a failed call."""
+        response = await self._unary("Detokenize", request)
+        if response.HasField("error"):
+            raise from_proto_error(response.error)
+        return response
+
+    async def _unary(self, method: str, request):
+        if self._stub is None:
+            raise router_unavailable("the gateway is not started")
+        try:
+            return await getattr(self._stub, method)(request, timeout=UNARY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
 
     async def health(self) -> pb.HealthResponse:
         """The router's health; raises `OpenAIError` (503) when it cannot be reached."""

@@ -25,6 +25,7 @@ from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
 from router.control import ControlServicer, watch_liveness
 from router.lifecycle import SampleError, run_sample
+from router.media import MediaResolver, add_media_arguments, media_from_args
 from router.pools import POLICIES, Pool, make_pools
 from router.postprocess import ChoiceOutput
 from router.prompt import InvalidRequest, Prompt, PromptBuilder
@@ -70,7 +71,7 @@ def sampling_request(
 
 class RouterServicer(pb_grpc.RouterServicer):
     def __init__(self, model_path: str, served_model_name: str, prefill: Pool, decode: Pool,
-                 context_length: int) -> None:  # fmt: skip
+                 context_length: int, media: MediaResolver) -> None:  # fmt: skip
         self.tokenizer = KimiTokenizer.from_dir(model_path)
         self.markers = MarkerTable.from_tokenizer(self.tokenizer)
         self.prompts = PromptBuilder(model_path, self.tokenizer)
@@ -78,16 +79,21 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.served_model_name = served_model_name
         self.prefill, self.decode = prefill, decode
         self.context_length = context_length
+        self.media = media
 
     async def Generate(
         self, request: pb.GenerateRequest, context
     ) -> AsyncIterator[pb.GenerateChunk]:
         try:
-            prompt = self.prompts.build(request)
+            prompt, images = await self.media.expand(request, self.prompts.build(request))
             sampling = resolve_sampling(request, prompt, self.sampling_defaults,
                                         self.context_length, self.tokenizer.eos_token_ids)  # fmt: skip
-        except InvalidRequest as exc:
+            prompt = await self.media.encode(request.request_id, prompt, images)
+        except InvalidRequest as exc:  # a MediaError too
             yield pb.GenerateChunk(error=invalid(exc))
+            return
+        except SampleError as exc:  # no vision worker could encode the images
+            yield error_chunk(exc.http_status, str(exc), retry_after=exc.retry_after)
             return
         num_samples = max(request.n, 1)
         outputs = [
@@ -122,6 +128,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         finally:
             for task in tasks:
                 task.cancel()
+            self.media.release(request.request_id, prompt)
 
     async def _run_choice(self, request: pb.GenerateRequest, prompt: Prompt,
                           sampling: pb.SamplingParams, out: ChoiceOutput,
@@ -154,7 +161,7 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def _stream_choice(self, request_id: str, prompt: Prompt, sampling: pb.SamplingParams,
                              out: ChoiceOutput, queue: asyncio.Queue) -> None:  # fmt: skip
         async for event in run_sample(request_id, prompt.token_ids, sampling,
-                                      self.prefill, self.decode):  # fmt: skip
+                                      self.prefill, self.decode, images=prompt.images):  # fmt: skip
             delta = out.on_token(event.token) if event.token else None
             if event.finish_reason or out.finished:
                 delta = out.finish(delta, event.finish_reason)
@@ -215,13 +222,14 @@ class RouterServicer(pb_grpc.RouterServicer):
 
 async def serve(args: argparse.Namespace) -> None:
     prefill, decode = make_pools(args.prefill, args.decode, args.policy)
-    pools = {"prefill": prefill, "decode": decode}
+    media, vision = media_from_args(args)
+    pools = {"prefill": prefill, "decode": decode, "vision": vision}
     config = ModelConfig.from_dir(args.model_path)
     context_length = args.context_length or min(
         config.text.max_position_embeddings, DEFAULT_CONTEXT_LENGTH
     )
     servicer = RouterServicer(args.model_path, args.served_model_name, prefill, decode,
-                              context_length)  # fmt: skip
+                              context_length, media)  # fmt: skip
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_RouterServicer_to_server(servicer, server)
     ctl_grpc.add_ControlServicer_to_server(ControlServicer(pools, args.heartbeat_interval), server)
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy", default="round_robin", choices=POLICIES)
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--log-level", default="INFO")
+    add_media_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip

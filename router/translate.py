@@ -2,13 +2,12 @@
 
 The gateway only moves fields: templating, tokenizing and parsing happen in the router. Tools,
 `tool_choice` and `chat_template_kwargs` travel as the client's JSON text. Sampling fields the
-client left out get OpenAI's defaults, because the wire message has no "unset" for them.
+client left out stay unset on the wire; the router applies the model's defaults.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
 
 from proto import kimiserve_pb2 as pb
 from router.errors import invalid_request
@@ -17,10 +16,22 @@ from router.openai_schema import (
     ChatMessage,
     CompletionRequest,
     ContentPart,
+    DetokenizeRequest,
     GenerationRequest,
+    TokenizeRequest,
 )
 
-T = TypeVar("T")
+# Sampling fields that travel unset when the client leaves them out.
+OPTIONAL_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+)
 
 # OpenAI's default for text completions; chat completions default to "until the context ends".
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -28,11 +39,10 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 def chat_to_proto(request: ChatCompletionRequest, request_id: str) -> pb.GenerateRequest:
     """Builds the router request of a validated chat completion; 400 on unencodable text."""
-    # Limitation: `parallel_tool_calls` has no wire field, so the router never sees it.
     sampling = _sampling(request, request.completion_limit)
     sampling.logprobs = bool(request.logprobs)
     sampling.top_logprobs = request.top_logprobs or 0
-    return _encode(
+    generate = _encode(
         lambda: pb.GenerateRequest(
             request_id=request_id,
             messages=[_message(m) for m in request.messages],
@@ -40,9 +50,36 @@ def chat_to_proto(request: ChatCompletionRequest, request_id: str) -> pb.Generat
             tools_json=request.raw_json("tools"),
             tool_choice_json=request.raw_json("tool_choice"),
             chat_template_kwargs_json=request.raw_json("chat_template_kwargs"),
+            max_tokens_param=request.completion_limit_param,
             **_common(request),
         )
     )
+    if request.parallel_tool_calls is not None:
+        generate.parallel_tool_calls = request.parallel_tool_calls
+    return generate
+
+
+def tokenize_to_proto(request: TokenizeRequest) -> pb.TokenizeRequest:
+    """The router's `Tokenize` request of a validated /tokenize body."""
+
+    def build() -> pb.TokenizeRequest:
+        out = pb.TokenizeRequest(
+            add_generation_prompt=request.add_generation_prompt,
+            return_token_strs=request.return_token_strs,
+        )
+        if request.prompt is not None:
+            out.prompt = request.prompt
+            return out
+        out.messages.extend(_message(m) for m in request.messages or [])
+        out.tools_json = request.raw_json("tools")
+        out.chat_template_kwargs_json = request.raw_json("chat_template_kwargs")
+        return out
+
+    return _encode(build)
+
+
+def detokenize_to_proto(request: DetokenizeRequest) -> pb.DetokenizeRequest:
+    return pb.DetokenizeRequest(tokens=request.tokens)
 
 
 def completion_to_proto(request: CompletionRequest, request_id: str) -> pb.GenerateRequest:
@@ -56,7 +93,11 @@ def completion_to_proto(request: CompletionRequest, request_id: str) -> pb.Gener
     prompt_fields = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
     return _encode(
         lambda: pb.GenerateRequest(
-            request_id=request_id, sampling=sampling, **prompt_fields, **_common(request)
+            request_id=request_id,
+            sampling=sampling,
+            max_tokens_param="max_tokens",
+            **prompt_fields,
+            **_common(request),
         )
     )
 
@@ -78,27 +119,16 @@ def _common(request: GenerationRequest) -> dict:
 
 
 def _sampling(request: GenerationRequest, max_tokens: int) -> pb.SamplingParams:
-    # Limitation: `SamplingParams` cannot say "unset", so an omitted temperature becomes OpenAI's
-    # 1.0 here and the router cannot apply the checkpoint's recommended defaults instead.
     sampling = pb.SamplingParams(
-        temperature=_default(request.temperature, 1.0),
-        top_p=_default(request.top_p, 1.0),
-        top_k=_default(request.top_k, 0),
-        min_p=_default(request.min_p, 0.0),
-        presence_penalty=_default(request.presence_penalty, 0.0),
-        frequency_penalty=_default(request.frequency_penalty, 0.0),
-        repetition_penalty=_default(request.repetition_penalty, 1.0),
         max_tokens=max_tokens,
         stop_token_ids=request.stop_token_ids or [],
         ignore_eos=bool(request.ignore_eos),
     )
-    if request.seed is not None:
-        sampling.seed = request.seed
+    for name in OPTIONAL_SAMPLING_FIELDS:
+        value = getattr(request, name)
+        if value is not None:
+            setattr(sampling, name, value)
     return sampling
-
-
-def _default(value: T | None, default: T) -> T:
-    return default if value is None else value
 
 
 def _message(message: ChatMessage) -> pb.ChatMessage:

@@ -9,11 +9,15 @@ Contract of `forward(layer, q_lat, q_pe, batch)`:
   - returns o_lat [T, H, r] (to be multiplied by W_UV), in q_lat's dtype.
 The PyTorch backend is the CPU path and the test oracle; a FlashInfer backend on GPU reads the
 same page layout.
+
+Shape letters: T tokens, B sequences, H heads, r kv_lora_rank, R rope dims, P pages of the
+longest page table, S key positions (`P * page_size` when padded).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol
 
 import torch
@@ -33,6 +37,25 @@ class ForwardBatch:
     page_tables: list[list[int]]
     input_embeds: torch.Tensor | None = None  # [T, D] overrides the embedding lookup
 
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence."""
+        return all(n == 1 for n in self.q_lens)
+
+    @functools.cached_property
+    def padded_page_table(self) -> torch.Tensor:
+        """[B, P] page ids, short tables padded with page 0 (masked out by `kv_lens`).
+
+        Built once per batch and shared by every layer."""
+        width = max(len(pages) for pages in self.page_tables)
+        rows = [pages + [0] * (width - len(pages)) for pages in self.page_tables]
+        return torch.tensor(rows, dtype=torch.long, device=self.slots.device)
+
+    @functools.cached_property
+    def kv_lens_tensor(self) -> torch.Tensor:
+        """[B] `kv_lens` on the batch's device."""
+        return torch.tensor(self.kv_lens, dtype=torch.long, device=self.slots.device)
+
 
 class AttentionBackend(Protocol):
     def forward(
@@ -41,13 +64,40 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttentionBackend:
-    """Plain PyTorch MLA attention, one sequence at a time, softmax in float32."""
+    """Plain PyTorch MLA attention, softmax in float32.
+
+    Decode batches (one query per sequence) run as one batched attention over the page tables
+    padded to the longest; other batches (prefill, chunked prefill) run one sequence at a time,
+    where each sequence's queries already make large matrix products.
+    """
 
     def __init__(self, cache: KVCache, softmax_scale: float) -> None:
         self.cache = cache
         self.scale = softmax_scale
 
     def forward(
+        self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        if batch.is_decode:
+            return self._decode(layer, q_lat, q_pe, batch)
+        return self._ragged(layer, q_lat, q_pe, batch)
+
+    def _decode(
+        self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        pages = batch.padded_page_table  # [B, P]
+        ckv = self.cache.ckv[layer][pages].flatten(1, 2).float()  # [B, S, r]
+        kpe = self.cache.kpe[layer][pages].flatten(1, 2).float()  # [B, S, R]
+        scores = torch.bmm(q_pe.float(), kpe.transpose(1, 2))  # [B, H, S]
+        scores = torch.baddbmm(scores, q_lat.float(), ckv.transpose(1, 2), alpha=self.scale,
+                               beta=self.scale)  # fmt: skip
+        key_pos = torch.arange(ckv.shape[1], device=ckv.device)
+        padding = key_pos[None, :] >= batch.kv_lens_tensor[:, None]  # [B, S]
+        scores.masked_fill_(padding[:, None, :], float("-inf"))
+        out = torch.bmm(scores.softmax(dim=-1), ckv)  # [B, H, r]
+        return out.to(q_lat.dtype)
+
+    def _ragged(
         self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
         out = torch.empty_like(q_lat)
@@ -57,15 +107,16 @@ class TorchAttentionBackend:
             index = torch.tensor(pages, dtype=torch.long, device=q_lat.device)
             ckv = ckv_pages.index_select(0, index).flatten(0, 1)[:kv_len].float()  # [S, r]
             kpe = kpe_pages.index_select(0, index).flatten(0, 1)[:kv_len].float()  # [S, R]
-            ql = q_lat[start : start + q_len].float()  # [Tq, H, r]
-            qp = q_pe[start : start + q_len].float()  # [Tq, H, R]
-            scores = torch.einsum("thr,sr->hts", ql, ckv) + torch.einsum("thr,sr->hts", qp, kpe)
-            scores = scores * self.scale  # [H, Tq, S]
+            ql = q_lat[start : start + q_len].float().transpose(0, 1)  # [H, Tq, r]
+            qp = q_pe[start : start + q_len].float().transpose(0, 1)  # [H, Tq, R]
+            scores = torch.matmul(qp, kpe.t())  # [H, Tq, S]
+            scores = torch.baddbmm(scores, ql, ckv.t().expand(ql.shape[0], -1, -1),
+                                   alpha=self.scale, beta=self.scale)  # fmt: skip
             if q_len > 1:
-                query_pos = torch.arange(kv_len - q_len, kv_len, device=q_lat.device)
-                key_pos = torch.arange(kv_len, device=q_lat.device)
-                scores.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+                causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=q_lat.device)
+                causal = causal.triu(diagonal=kv_len - q_len + 1)  # True above the diagonal
+                scores.masked_fill_(causal, float("-inf"))
             probs = scores.softmax(dim=-1)
-            out[start : start + q_len] = torch.einsum("hts,sr->thr", probs, ckv).to(out.dtype)
+            out[start : start + q_len] = torch.matmul(probs, ckv).transpose(0, 1).to(out.dtype)
             start += q_len
         return out

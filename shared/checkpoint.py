@@ -5,6 +5,7 @@ with a shared expert and a sigmoid `noaux_tc` router, INT4 pack-quantized routed
 MoonViT-3D tower and patch-merger projector, sharded safetensors with an index, tiktoken
 tokenizer files) at sizes that run on a CPU in milliseconds. Weights are seeded random values,
 scaled so activations stay O(1) through the layers; the same seed gives the same bytes.
+A larger size of the same architecture (`size="bench"`) serves the engine benchmark.
 """
 
 from __future__ import annotations
@@ -118,6 +119,28 @@ QUANTIZATION_CONFIG: dict[str, Any] = {
     "kv_cache_scheme": None,
 }
 
+# Text sizes other than tiny, as overrides of `TEXT_CONFIG`; the vocabulary (and so the tokenizer)
+# and every switch stay the same. "bench" is wider, deeper and has more experts, for
+# `bench/engine.py`: about 160 MB of bf16/INT4 weights, 0.7 GB in float32.
+TEXT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "bench": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "moe_intermediate_size": 256,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "q_lora_rank": 192,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "n_routed_experts": 64,
+        "num_experts_per_tok": 6,
+    },
+}
+
 MEDIA_PROC_CONFIG: dict[str, Any] = {
     "patch_size": 14,
     "merge_kernel_size": 2,
@@ -135,10 +158,10 @@ MEDIA_PROC_CONFIG: dict[str, Any] = {
 }
 
 
-def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write the tiny checkpoint into `out_dir` (created if needed) and return its path.
 
-    Files: `config.json`, `generation_config.json`, `preprocessor_config.json`,
+    `size` names an entry of `TEXT_SIZES` ("tiny", or the larger "bench"). Files: `config.json`, `generation_config.json`, `preprocessor_config.json`,
     `model-0000N-of-00002.safetensors`, `model.safetensors.index.json`, and the tokenizer files
     written by `shared.tokenizer_train.write_tokenizer_files`. Existing files are overwritten.
     """
@@ -147,29 +170,31 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     token_ids = write_tokenizer_files(out, num_base_tokens=NUM_BASE_TOKENS)
-    config = build_config(token_ids)
+    config = build_config(token_ids, size)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(token_ids))
     _write_json(out / "preprocessor_config.json", _preprocessor_config())
     tensors = build_tensors(config, torch.Generator().manual_seed(seed))
     _write_shards(out, tensors)
-    logger.info("wrote tiny checkpoint to %s (%d tensors)", out, len(tensors))
+    logger.info("wrote %s checkpoint to %s (%d tensors)", size, out, len(tensors))
     return out
 
 
-def build_config(token_ids: dict[str, int]) -> dict[str, Any]:
-    """The wrapper `config.json` in the release layout, with tiny sizes and the token ids that
-    `write_tokenizer_files` returned."""
+def build_config(token_ids: dict[str, int], size: str = "tiny") -> dict[str, Any]:
+    """The wrapper `config.json` in the release layout, with the sizes of `TEXT_SIZES[size]` and
+    the token ids that `write_tokenizer_files` returned."""
     assert token_ids["vocab_size"] == TEXT_CONFIG["vocab_size"], token_ids
+    assert size in TEXT_SIZES, f"unknown checkpoint size {size!r}, expected one of {list(TEXT_SIZES)}"
+    text_sizes = {**TEXT_CONFIG, **TEXT_SIZES[size]}
     ids = {name: token_ids[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
     text = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "kimi_k2",
-        **TEXT_CONFIG,
+        **text_sizes,
         **ids,
         "quantization_config": QUANTIZATION_CONFIG,
     }
-    vision = {**VISION_CONFIG, "text_hidden_size": TEXT_CONFIG["hidden_size"]}
+    vision = {**VISION_CONFIG, "text_hidden_size": text_sizes["hidden_size"]}
     return {
         "architectures": ["KimiK25ForConditionalGeneration"],
         "auto_map": {

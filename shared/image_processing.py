@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-# 64 Mi pixels (8192 x 8192): larger than any image the resize keeps at full size (7168 px a side),
-# and below Pillow's own decompression-bomb warning threshold (89 M pixels).
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+from shared.settings import DEFAULT_MAX_PIXELS
+
 # Pillow format names; "JPEG" also opens the MPO files of phone cameras.
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _EXIF_ORIENTATION = 0x0112

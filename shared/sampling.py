@@ -7,6 +7,7 @@ only on the seed and the position, not on batching or on which worker samples.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -26,6 +27,17 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties or top logprobs: the argmax of the raw logits."""
+        return (
+            self.greedy
+            and not self.top_logprobs
+            and self.repetition_penalty == 1.0
+            and not self.presence_penalty
+            and not self.frequency_penalty
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +89,33 @@ def sample_one(
         values, ids = logprobs.topk(cfg.top_logprobs)
         top = list(zip(ids.tolist(), values.tolist()))
     return Sampled(token, float(logprobs[token]), top)
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    configs: Sequence[SamplingConfig],
+    steps: Sequence[int],
+    prompt_ids: Sequence[list[int]],
+    output_ids: Sequence[list[int]],
+) -> list[Sampled]:
+    """Samples one token per row of float32 logits [B, V]; row i gives exactly what
+    `sample_one(logits[i], configs[i], steps[i], prompt_ids[i], output_ids[i])` gives.
+
+    Plain greedy rows share one batched argmax and log-softmax; other rows go one by one."""
+    plain = [cfg.plain_greedy for cfg in configs]
+    tokens: list[int] = []
+    chosen: list[float] = []
+    if any(plain):
+        argmax = logits.argmax(dim=-1)  # [B]
+        chosen = logits.log_softmax(-1).gather(1, argmax[:, None]).squeeze(1).tolist()
+        tokens = argmax.tolist()
+    out = []
+    for i, cfg in enumerate(configs):
+        if plain[i]:
+            out.append(Sampled(tokens[i], chosen[i], []))
+        else:
+            out.append(sample_one(logits[i], cfg, steps[i], prompt_ids[i], output_ids[i]))
+    return out
 
 
 def _filtered_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

@@ -253,8 +253,10 @@ def test_chat_non_streaming_reasoning_content_and_tool_calls(router, gateway):
     assert [(m.role, m.content) for m in sent.messages] == [("user", "hi")]
     assert json.loads(sent.tools_json) == [WEATHER_TOOL]
     assert sent.tool_choice_json == "" and sent.chat_template_kwargs_json == ""
-    assert sent.sampling.temperature == 1.0 and sent.sampling.top_p == 1.0
-    assert sent.sampling.max_tokens == 0 and not sent.sampling.HasField("seed")
+    # Fields the client left out travel unset: the router applies the model's defaults.
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+        assert not sent.sampling.HasField(name), name
+    assert sent.sampling.max_tokens == 0 and not sent.HasField("parallel_tool_calls")
     assert sent.skip_special_tokens and not sent.HasField("prompt")
 
 
@@ -388,6 +390,7 @@ def test_messages_and_sampling_translate_to_the_wire(router, gateway):
     fields = {"tools": [WEATHER_TOOL], "tool_choice": tool_choice, "stop": "END", "seed": 7}
     fields |= {"presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.1}
     fields |= {"logprobs": True, "top_logprobs": 3, "user": "u1", "unknown_field": {"x": 1}}
+    fields |= {"parallel_tool_calls": False, "max_completion_tokens": 9, "temperature": 0}
     assert post(gateway, chat_body(messages=messages, **fields)).status_code == 200
 
     (sent,) = router.requests
@@ -404,8 +407,13 @@ def test_messages_and_sampling_translate_to_the_wire(router, gateway):
     assert wire_call.arguments == '{"city": "Łódź"}'
     assert (tool.role, tool.tool_call_id, tool.content) == ("tool", CALL_ID, '{"t": 3}')
     assert json.loads(sent.tool_choice_json) == tool_choice and list(sent.stop) == ["END"]
+    assert sent.HasField("parallel_tool_calls") and not sent.parallel_tool_calls
+    assert sent.max_tokens_param == "max_completion_tokens"
     sampling = sent.sampling
     assert sampling.seed == 7 and sampling.logprobs and sampling.top_logprobs == 3
+    assert (
+        sampling.HasField("temperature") and sampling.temperature == 0 and sampling.max_tokens == 9
+    )
     assert sampling.presence_penalty == 0.5 and sampling.frequency_penalty == -0.5
     assert sampling.repetition_penalty == pytest.approx(1.1)
 
@@ -554,6 +562,8 @@ def test_router_error_status_passes_through(router, gateway, stream):
     busy = post(gateway, body)
     assert_openai_error(busy, 503)
     assert busy.headers["retry-after"] == "1"
+    router.script[0].error.retry_after_seconds = 7  # the router's hint wins
+    assert post(gateway, body).headers["retry-after"] == "7"
 
 
 def test_unreachable_router_is_503_with_retry_after(orphan):

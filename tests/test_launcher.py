@@ -53,9 +53,10 @@ def test_up_serves_and_ctrl_c_leaves_no_orphan(tiny_checkpoint):
             ["decode-0", "decode", "ready"],
             ["prefill-0", "prefill", "ready"],
             ["prefill-1", "prefill", "ready"],
+            ["vision-static-0", "vision", "ready"],
         ], status
         children = _children(up.pid)
-        assert len(children) == 5  # decode, 2 prefill, router, gateway
+        assert len(children) == 6  # vision, decode, 2 prefill, router, gateway
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0
         time.sleep(0.5)

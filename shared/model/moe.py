@@ -54,7 +54,14 @@ class TopKGate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts plus the shared expert. `experts` holds the experts this rank owns."""
+    """Routed experts plus the shared expert. `experts` holds the experts this rank owns.
+
+    Routed experts run grouped: the routed rows are gathered once, sorted by expert, and each
+    expert with work runs its gate and up projections as one product over its contiguous rows;
+    the weighted outputs go back with one `index_add_`. The weights are stacked once into
+    `[E, 2I, D]` (gate and up) and `[E, D, I]` (down) tensors, and each expert's own parameters
+    become views of the stacks, so the stacks cost no memory and follow in-place weight updates.
+    """
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -65,6 +72,8 @@ class MoE(nn.Module):
         )
         shared_size = config.moe_intermediate_size * config.n_shared_experts
         self.shared_experts = SwiGLU(config.hidden_size, shared_size) if shared_size else None
+        self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stack_ptrs: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)  # [T, K], [T, K]
@@ -75,18 +84,45 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Runs each expert once on the tokens routed to it and sums the weighted outputs."""
-        out = torch.zeros_like(x, dtype=torch.float32)
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)
+        flat_ids = ids.flatten()  # [T*K]
+        order = flat_ids.argsort(stable=True)  # routed rows grouped by expert
         counts = torch.bincount(flat_ids, minlength=len(self.experts)).tolist()
         token_of = order // ids.shape[1]
-        weight_of = weights.flatten()[order]
-        start = 0
-        for expert_id, count in enumerate(counts):
-            if count == 0:
+        w13, w2 = self._stacked_weights()  # [E, 2I, D], [E, D, I]
+        outputs = []
+        for expert_id, rows in enumerate(x.index_select(0, token_of).split(counts)):
+            if rows.shape[0] == 0:
                 continue
-            tokens = token_of[start : start + count]
-            y = self.experts[expert_id](x.index_select(0, tokens))
-            out.index_add_(0, tokens, y.float() * weight_of[start : start + count, None])
-            start += count
+            gate, up = F.linear(rows, w13[expert_id]).chunk(2, dim=-1)  # [n, I] each
+            outputs.append(F.linear(F.silu(gate) * up, w2[expert_id]))  # [n, D]
+        y = torch.cat(outputs).float() * weights.flatten()[order, None]  # [T*K, D]
+        out = torch.zeros_like(x, dtype=torch.float32).index_add_(0, token_of, y)
         return out.to(x.dtype)
+
+    def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked expert weights, rebuilt when the experts' parameters were replaced."""
+        if self._stacks is None or self._expert_ptrs() != self._stack_ptrs:
+            self._stacks = self._stack_experts()
+            self._stack_ptrs = self._expert_ptrs()
+        return self._stacks
+
+    def _expert_ptrs(self) -> list[int]:
+        return [
+            proj.weight.data_ptr()
+            for expert in self.experts
+            for proj in (expert.gate_proj, expert.up_proj, expert.down_proj)
+        ]
+
+    @torch.no_grad()
+    def _stack_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(False):  # parameters must not become inference tensors
+            w13 = torch.stack(
+                [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts]
+            )  # [E, 2I, D]
+            w2 = torch.stack([e.down_proj.weight for e in self.experts])  # [E, D, I]
+            inter = w2.shape[-1]
+            for expert, gate_up, down in zip(self.experts, w13, w2):
+                expert.gate_proj.weight.data = gate_up[:inter]
+                expert.up_proj.weight.data = gate_up[inter:]
+                expert.down_proj.weight.data = down
+        return w13, w2

@@ -1,0 +1,265 @@
+"""Engine benchmark: our prefill and decode engines against transformers' `generate`.
+
+Per checkpoint (the tiny one and the larger "bench" size of the same architecture, both made by
+`shared.checkpoint.make_tiny_checkpoint`), float32 on the CPU, the same workload for both sides:
+32 prompts of 64-512 random tokens, 128 greedy output tokens each, no stop tokens.
+
+- ours: the product engines in one process (`decode_worker.colocated.ColocatedDriver`): every
+  request is reserved on a `DecodeEngine`, prefilled in batched, chunked steps by a
+  `PrefillEngine` with its own cache, its latents written into the decode pages, then decoded
+  by continuous batching; all 32 requests are submitted at once.
+- transformers: `Kimi_K25ForConditionalGeneration.generate(do_sample=False)` one prompt at a
+  time (batch 1), as users typically call it, with its default attention (sdpa) and experts
+  (grouped_mm) implementations.
+
+Output tokens/s is 32 * 128 over the wall time from the first submission to the last token,
+prefill included. Each side runs `--runs` times after one warm-up request; the table shows
+medians. The tokens of every prompt are compared between the two sides. KV bytes per token: ours
+is `KVCache.bytes_per_token()`; transformers' is what its `DynamicCache` holds after a
+generation divided by the number of tokens in it.
+
+    python -m bench.engine [--sizes tiny,bench] [--runs 3] [--threads 2]
+
+Prints a table and writes `bench/results/engine.json`. Needs `transformers` (a test
+dependency). Peak memory is about 2 GB; the default run takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decode_worker.colocated import ColocatedDriver
+from decode_worker.engine import DecodeEngine, Request
+from prefill_worker.engine import PrefillEngine
+from shared.checkpoint import NUM_BASE_TOKENS, make_tiny_checkpoint
+from shared.model.loader import load_text_model
+from shared.model.text import KimiTextModel
+from shared.runner import ModelRunner
+from shared.sampling import SamplingConfig
+
+NUM_PROMPTS = 32
+MIN_PROMPT, MAX_PROMPT = 64, 512
+NUM_OUTPUT = 128
+PAGE_SIZE = 16
+RESULTS = Path(__file__).parent / "results" / "engine.json"
+
+
+def make_prompts(seed: int = 0) -> list[list[int]]:
+    """Random plain-token prompts (no special ids), lengths uniform in [64, 512]."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(MIN_PROMPT, MAX_PROMPT + 1, (NUM_PROMPTS,), generator=gen).tolist()
+    return [torch.randint(0, NUM_BASE_TOKENS, (n,), generator=gen).tolist() for n in lengths]
+
+
+# ---------------------------------------------------------------- ours
+
+
+def ours_generate(
+    model: KimiTextModel, prompts: list[list[int]], num_output: int
+) -> tuple[list[list[int]], float, int]:
+    """All prompts through fresh engines; returns tokens, seconds and KV bytes per token."""
+    max_tokens = max(len(p) for p in prompts) + num_output
+    num_pages = len(prompts) * -(-max_tokens // PAGE_SIZE) + 8
+    prefill = PrefillEngine(ModelRunner(model, num_pages, PAGE_SIZE))
+    decode = DecodeEngine(ModelRunner(model, num_pages, PAGE_SIZE))
+    driver = ColocatedDriver(prefill, decode)
+    greedy = SamplingConfig(temperature=0.0)
+    requests = [
+        Request(f"bench-{i}", prompt, greedy, num_output, frozenset(), [])
+        for i, prompt in enumerate(prompts)
+    ]
+    started = time.perf_counter()
+    for request in requests:
+        driver.submit(request)
+    driver.run_until_idle()
+    seconds = time.perf_counter() - started
+    for runner in (prefill.runner, decode.runner):
+        assert runner.allocator.num_free == num_pages, "the engines leaked pages"
+    return [r.output_ids for r in requests], seconds, decode.runner.cache.bytes_per_token()
+
+
+# ---------------------------------------------------------------- transformers
+
+
+def load_transformers(model_dir: Path, work_dir: Path) -> Any:
+    from transformers import Kimi_K25ForConditionalGeneration
+
+    from tests.hf_reference import translate_checkpoint
+
+    hf_dir = translate_checkpoint(model_dir, work_dir)
+    model = Kimi_K25ForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # no stop token: always NUM_OUTPUT tokens
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    return model.eval()
+
+
+def transformers_generate(
+    model: Any, prompts: list[list[int]], num_output: int
+) -> tuple[list[list[int]], float, float]:
+    """One `generate` call per prompt; returns tokens, seconds and KV bytes per token."""
+    outputs, kv_bytes_per_token = [], 0.0
+    started = time.perf_counter()
+    for prompt in prompts:
+        input_ids = torch.tensor([prompt], dtype=torch.long)
+        result = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=num_output,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
+        outputs.append(result.sequences[0, len(prompt) :].tolist())
+        kv_bytes_per_token = cache_bytes_per_token(result.cache)
+    return outputs, time.perf_counter() - started, kv_bytes_per_token
+
+
+def cache_bytes_per_token(cache: Any) -> float:
+    """Bytes every layer of a `DynamicCache` holds, divided by the tokens it holds."""
+    num_bytes = 0
+    for layer in cache.layers:
+        num_bytes += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return num_bytes / cache.get_seq_length()
+
+
+# ---------------------------------------------------------------- driver
+
+
+def bench_checkpoint(size: str, root: Path, prompts: list[list[int]], runs: int) -> dict:
+    model_dir = make_tiny_checkpoint(root / size, seed=0, size=size)
+    ours_model = load_text_model(model_dir, dtype=torch.float32)
+    text = ours_model.config
+    hf_model = load_transformers(model_dir, root / f"{size}-hf")
+    warm = [prompts[0][:MIN_PROMPT]]
+    ours_generate(ours_model, warm, 4)
+    transformers_generate(hf_model, warm, 4)
+
+    ours_runs, hf_runs = [], []
+    ours_tokens = hf_tokens = None
+    for _ in range(runs):
+        tokens, seconds, ours_kv = ours_generate(ours_model, prompts, NUM_OUTPUT)
+        assert ours_tokens in (None, tokens), "our tokens changed between runs"
+        ours_tokens = tokens
+        ours_runs.append(NUM_PROMPTS * NUM_OUTPUT / seconds)
+        tokens, seconds, hf_kv = transformers_generate(hf_model, prompts, NUM_OUTPUT)
+        assert hf_tokens in (None, tokens), "transformers' tokens changed between runs"
+        hf_tokens = tokens
+        hf_runs.append(NUM_PROMPTS * NUM_OUTPUT / seconds)
+    expected_kv = text.num_hidden_layers * text.kv_cache_dim * torch.float32.itemsize
+    assert ours_kv == expected_kv, (ours_kv, expected_kv)
+
+    same = [a == b for a, b in zip(ours_tokens, hf_tokens)]
+    ours_median, hf_median = statistics.median(ours_runs), statistics.median(hf_runs)
+    return {
+        "config": {
+            key: getattr(text, key)
+            for key in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "q_lora_rank",
+                "kv_lora_rank",
+                "qk_rope_head_dim",
+                "n_routed_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "intermediate_size",
+            )
+        },  # fmt: skip
+        "num_parameters": sum(p.numel() for p in ours_model.parameters()),
+        "ours_tokens_per_s": ours_median,
+        "ours_runs": ours_runs,
+        "transformers_tokens_per_s": hf_median,
+        "transformers_runs": hf_runs,
+        "ratio": ours_median / hf_median,
+        "tokens_identical": all(same),
+        "num_prompts_identical": sum(same),
+        "first_difference": _first_difference(ours_tokens, hf_tokens),
+        "kv_bytes_per_token": {"ours": ours_kv, "transformers": hf_kv},
+        "transformers_implementations": {
+            "attention": hf_model.config.text_config._attn_implementation,
+            "experts": hf_model.config.text_config._experts_implementation,
+        },
+    }
+
+
+def _first_difference(ours: list[list[int]], theirs: list[list[int]]) -> dict | None:
+    for prompt, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            position = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            return {"prompt": prompt, "position": position}
+    return None
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def print_table(results: dict[str, dict]) -> None:
+    header = (f"{'checkpoint':<11}{'ours tok/s':>11}{'HF tok/s':>10}{'ratio':>8}"
+              f"{'identical':>11}{'KV B/tok ours':>15}{'KV B/tok HF':>13}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for size, r in results.items():
+        kv = r["kv_bytes_per_token"]
+        print(f"{size:<11}{r['ours_tokens_per_s']:>11.1f}{r['transformers_tokens_per_s']:>10.1f}"
+              f"{r['ratio']:>7.1f}x{str(r['tokens_identical']):>11}{kv['ours']:>15,}"
+              f"{kv['transformers']:>13,.0f}")  # fmt: skip
+    print(f"\nmedians; {NUM_PROMPTS} prompts of {MIN_PROMPT}-{MAX_PROMPT} tokens, {NUM_OUTPUT} "
+          "greedy tokens each, float32; transformers: generate() one prompt at a time")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="kimiserve engine benchmark")
+    parser.add_argument("--sizes", default="tiny,bench")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    prompts = make_prompts()
+    load_before = os.getloadavg()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="kimiserve-bench-") as root:
+        for size in args.sizes.split(","):
+            results[size] = bench_checkpoint(size, Path(root), prompts, args.runs)
+    print_table(results)
+    report = {
+        "workload": {
+            "num_prompts": NUM_PROMPTS,
+            "prompt_tokens": [MIN_PROMPT, MAX_PROMPT],
+            "total_prompt_tokens": sum(len(p) for p in prompts),
+            "output_tokens_each": NUM_OUTPUT,
+            "dtype": "float32",
+            "runs": args.runs,
+            "transformers": "generate(do_sample=False), one prompt at a time",
+        },
+        "environment": {
+            "cpu": platform.processor() or platform.machine(),
+            "num_cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "torch": torch.__version__,
+            "transformers": _transformers_version(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
+        "checkpoints": results,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
