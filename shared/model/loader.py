@@ -18,6 +18,7 @@ from torch import nn
 
 from shared.config import ModelConfig
 from shared.model.layers import RotaryEmbedding
+from shared.model.moe import MoE
 from shared.model.text import KimiTextModel
 from shared.quant import dequantize_int4
 
@@ -51,15 +52,21 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
 
 
 def load_text_model(
-    model_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    model_path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    owned_experts: list[int] | None = None,
 ) -> KimiTextModel:
     """Builds the text model and fills every parameter from the checkpoint.
 
-    Raises if a parameter has no tensor in the checkpoint or a text tensor has no parameter.
+    With `owned_experts` (expert parallelism) only those routed experts of each MoE layer are
+    built and read; the others' tensors are skipped. Raises if a parameter has no tensor in the
+    checkpoint or a text tensor has no parameter.
     """
     config = ModelConfig.from_dir(model_path)
     with torch.device("meta"):
         model = KimiTextModel(config.text)
+    skipped = _drop_foreign_experts(model, owned_experts)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     packed: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -67,7 +74,7 @@ def load_text_model(
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 target = text_param_name(name)
-                if target is None:
+                if target is None or _expert_key(target) in skipped:
                     continue
                 match = _PACKED.match(target)
                 if match:
@@ -85,6 +92,29 @@ def load_text_model(
     _rebuild_buffers(model, device)
     logger.info("loaded text model from %s (%d tensors)", model_path, len(loaded))
     return model.eval()
+
+
+_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def _expert_key(name: str) -> tuple[int, int] | None:
+    match = _EXPERT.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _drop_foreign_experts(model: KimiTextModel, owned: list[int] | None) -> set:
+    """Replaces the routed experts this rank does not own by empty modules; returns their keys."""
+    if owned is None:
+        return set()
+    keep, skipped = set(owned), set()
+    for layer_id, layer in enumerate(model.layers):
+        if not isinstance(layer.mlp, MoE):
+            continue
+        for expert_id in range(len(layer.mlp.experts)):
+            if expert_id not in keep:
+                layer.mlp.experts[expert_id] = nn.Module()
+                skipped.add((layer_id, expert_id))
+    return skipped
 
 
 def _assign(

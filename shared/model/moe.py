@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.config import TextConfig
+from shared.model.expert_parallel import EPContext, ep_routed
 from shared.model.layers import SwiGLU
 
 
@@ -74,10 +75,15 @@ class MoE(nn.Module):
         self.shared_experts = SwiGLU(config.hidden_size, shared_size) if shared_size else None
         self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stack_ptrs: list[int] = []
+        self.ep: EPContext | None = None  # expert parallelism: this rank holds some experts
+        self._local_stacks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)  # [T, K], [T, K]
-        out = self.routed(x, ids, weights)
+        if self.ep is None:
+            out = self.routed(x, ids, weights)
+        else:
+            out = ep_routed(x, ids, weights, *self._owned_stacks(), self.ep)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
@@ -95,9 +101,20 @@ class MoE(nn.Module):
                 continue
             gate, up = F.linear(rows, w13[expert_id]).chunk(2, dim=-1)  # [n, I] each
             outputs.append(F.linear(F.silu(gate) * up, w2[expert_id]))  # [n, D]
+        if not outputs:  # no tokens (an idle rank's empty step)
+            return torch.zeros_like(x)
         y = torch.cat(outputs).float() * weights.flatten()[order, None]  # [T*K, D]
         out = torch.zeros_like(x, dtype=torch.float32).index_add_(0, token_of, y)
         return out.to(x.dtype)
+
+    def _owned_stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E_local, 2I, D] and [E_local, D, I] of the experts this rank owns, in expert order."""
+        if self._local_stacks is None:
+            local = [self.experts[e] for e in self.ep.placement.local_experts(self.ep.rank)]
+            w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in local])
+            w2 = torch.stack([e.down_proj.weight for e in local])
+            self._local_stacks = (w13, w2)
+        return self._local_stacks
 
     def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stacked expert weights, rebuilt when the experts' parameters were replaced."""
