@@ -17,9 +17,10 @@ Variants differ only on the decode side:
 KV layout is Kimi-K2.5's: 61 layers x (512 + 64) bf16 values per token, 70,272 bytes per token.
 Pages come in a shuffled order, as in a worker whose cache has churned.
 
-    python -m bench.transfer [--sizes 1024,8192,32768] [--repeats 3] [--latency-iters 200]
+    python -m bench.transfer [--sizes 1024,8192,32768] [--runs 3] [--repeats 3]
 
-Prints a table and writes `bench/results/transfer.json`. Peak memory is about four copies of the
+Prints a table per run and their medians, and writes `bench/results/transfer.json` (medians
+first, then every run). Peak memory is about four copies of the
 largest size (32K tokens: 2.3 GB each).
 """
 
@@ -42,7 +43,7 @@ import torch
 from shared.checkpoint import TEXT_CONFIG
 from shared.config import ModelConfig, TextConfig
 from shared.kv_cache import KVCache, pages_needed
-from shared.kv_transfer import KVReceiver, KVSender
+from shared.kv_transfer import CHUNK_BYTES, KVReceiver, KVSender
 from shared.messages import KVPushMsg
 
 NUM_LAYERS, KV_LORA_RANK, ROPE_DIM = 61, 512, 64
@@ -244,19 +245,9 @@ def print_table(sizes: list[dict], latency: dict, variants: list[str]) -> None:
         print(f"  {name:>10}: p50 {latency[name]['p50_ms']:.2f}  p99 {latency[name]['p99_ms']:.2f}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1024,8192,32768")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--latency-tokens", type=int, default=16)
-    parser.add_argument("--latency-iters", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    variants = args.variants.split(",")
+def run_once(args: argparse.Namespace, sizes: list[int], variants: list[str]) -> dict:
+    """One run: a fresh decode-side process and sender, latency first, then every size."""
     max_tokens = max(sizes + [args.latency_tokens])
-
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=_decode_side, args=(child_conn, max_tokens, variants), daemon=True)
@@ -270,11 +261,51 @@ def main(argv: list[str] | None = None) -> None:
         child.join(10)
         if child.is_alive():
             child.kill()
-    print_table(rows, latency, variants)
+    return {"sizes": rows, "latency": latency}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over runs of every per-run median (GB/s, ratio, CPU, p50, p99)."""
+    rows = []
+    for i, row in enumerate(runs[0]["sizes"]):
+        per_run = [run["sizes"][i] for run in runs]
+        out = {"tokens": row["tokens"], "bytes": row["bytes"]}
+        for key in ("gbps", "ratio", "cpu_s_per_gb"):
+            out[key] = {name: statistics.median(r[key][name] for r in per_run) for name in row[key]}
+        rows.append(out)
+    per_run = [run["latency"] for run in runs]
+    latency = {"tokens": per_run[0]["tokens"], "iters": per_run[0]["iters"]}
+    for name, stats in per_run[0].items():
+        if isinstance(stats, dict):
+            latency[name] = {k: statistics.median(r[name][k] for r in per_run) for k in stats}
+    return {"sizes": rows, "latency": latency}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1024,8192,32768")
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes each; medians")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per run")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--latency-tokens", type=int, default=16)
+    parser.add_argument("--latency-iters", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    variants = args.variants.split(",")
+
+    runs = []
+    for index in range(args.runs):
+        runs.append(run_once(args, sizes, variants))
+        print(f"run {index + 1} of {args.runs}")
+        print_table(runs[-1]["sizes"], runs[-1]["latency"], variants)
+    median = summarize(runs)
+    print(f"median of {args.runs} runs")
+    print_table(median["sizes"], median["latency"], variants)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"bytes_per_token": bytes_per_token(), "dtype": str(DTYPE), "page_size": PAGE_SIZE,
               "num_layers": NUM_LAYERS, "values_per_token_layer": WIDTH, "variants": variants,
-              "sizes": rows, "latency": latency}  # fmt: skip
+              "chunk_bytes": CHUNK_BYTES, "median": median, "runs": runs}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from shared.kv_cache import pages_needed
 from shared.kv_transfer import TransferState
@@ -63,6 +64,9 @@ class DecodeEngine:
         self.runner = runner
         self.max_running = max_running
         self.transfer_timeout = transfer_timeout
+        # Expert parallelism: all-reduces this rank's running count over the worker's ranks.
+        self.lockstep: Callable[[int], int] | None = None
+        self.on_fatal: Callable[[], None] = lambda: None
         self._next_expiry_check = 0.0
         self._requests: dict[str, Request] = {}
         self._lock = threading.Lock()
@@ -208,6 +212,8 @@ class DecodeEngine:
         for request in [r for r in self.running if r.aborted]:
             self.running.remove(request)
             self._finish(request, "abort", "aborted")
+        if self.lockstep is not None:
+            return self._run_lockstep()
         if not self.running:
             return False
         try:
@@ -219,7 +225,23 @@ class DecodeEngine:
             self.running = []
         return True
 
-    def step(self) -> None:
+    def _run_lockstep(self) -> bool:
+        """Expert parallelism: every rank steps together; a rank without requests runs an empty
+        step so the MoE collectives meet. A failed collective means a rank is gone: this rank's
+        requests end with an error and the process exits rather than hang."""
+        try:
+            if self.lockstep(len(self.running)) == 0:
+                return False
+            self.step(idle_ok=True)
+        except Exception as exc:
+            logger.error("expert-parallel step failed (%s); this worker stops", exc)
+            for request in self.running:
+                self._finish(request, "error", f"expert-parallel worker lost a rank: {exc}")
+            self.running = []
+            self.on_fatal()
+        return True
+
+    def step(self, idle_ok: bool = False) -> None:
         """One decode step for every running request: feed the last token, sample the next."""
         steps, batch = [], []
         for request in self.running:
@@ -233,6 +255,8 @@ class DecodeEngine:
             batch.append(request)
         self.running = batch
         if not batch:
+            if idle_ok:
+                self.runner.run([])  # an idle rank's step: the collectives need every rank
             return
         logits = self.runner.run(steps)  # [B, V]
         sampled = sample_batch(

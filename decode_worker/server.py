@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
+import time
 from concurrent import futures
 
 import grpc
@@ -17,8 +19,15 @@ import torch
 from decode_worker.engine import DecodeEngine, Request
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
+from shared.config import ModelConfig
 from shared.kv_cache import OutOfPagesError
 from shared.kv_transfer import KVReceiver
+from shared.model.expert_parallel import (
+    EPContext,
+    ExpertPlacement,
+    create_ep_group,
+    enable_expert_parallel,
+)
 from shared.model.loader import load_text_model
 from shared.registration import load_of, register_and_beat
 from shared.runner import ModelRunner
@@ -89,7 +98,11 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
 
 def serve(config: WorkerConfig) -> None:
     torch.set_grad_enabled(False)
-    model = load_text_model(config.model_path, dtype=getattr(torch, config.dtype))
+    placement = _placement(config)
+    owned = placement.local_experts(config.ep_rank) if placement else None
+    model = load_text_model(
+        config.model_path, dtype=getattr(torch, config.dtype), owned_experts=owned
+    )
     runner = ModelRunner(model, config.num_pages, config.page_size)
     engine = DecodeEngine(runner, transfer_timeout=config.kv_transfer_timeout)
     text = model.config
@@ -104,6 +117,8 @@ def serve(config: WorkerConfig) -> None:
         dtype=runner.cache.ckv.dtype,
         timeout=config.kv_transfer_timeout,
     )
+    if placement is not None:
+        _join_expert_group(config, model, engine, placement)
     engine.start()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=GRPC_OPTIONS)
     servicer = DecodeServicer(config, engine, receiver)
@@ -121,6 +136,36 @@ def serve(config: WorkerConfig) -> None:
     sys.stdout.write(f"READY {port}\n")
     sys.stdout.flush()
     server.wait_for_termination()
+
+
+def _placement(config: WorkerConfig) -> ExpertPlacement | None:
+    if config.ep_size <= 1:
+        return None
+    num_experts = ModelConfig.from_dir(config.model_path).text.n_routed_experts
+    if config.expert_placement:
+        return ExpertPlacement.from_file(config.expert_placement, num_experts, config.ep_size)
+    return ExpertPlacement.round_robin(num_experts, config.ep_size)
+
+
+def _join_expert_group(config: WorkerConfig, model, engine: DecodeEngine,
+                       placement: ExpertPlacement) -> None:  # fmt: skip
+    """Rank `ep_rank` of this worker's group: lockstep steps, MoE over all ranks' experts."""
+    group, keepalive = create_ep_group(config.ep_rendezvous, config.ep_rank, config.ep_size,
+                                       timeout_s=config.kv_transfer_timeout)  # fmt: skip
+    enable_expert_parallel(model, EPContext(group, config.ep_rank, placement, keepalive=keepalive))
+
+    def all_running(count: int) -> int:
+        total = torch.tensor([count])
+        group.allreduce([total]).wait()
+        return int(total)
+
+    def exit_now() -> None:
+        time.sleep(0.5)  # lets the gRPC handlers send the error events
+        os._exit(1)
+
+    engine.lockstep, engine.on_fatal = all_running, exit_now
+    logger.info("decode rank %d of %d holds experts %s", config.ep_rank, config.ep_size,
+                placement.local_experts(config.ep_rank))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +51,8 @@ class StackConfig:
     kv_transfer_timeout: float = 30.0
     api_key: str | None = None
     policy: str = "round_robin"
+    decode_ep_size: int = 1  # ranks per decode worker (expert parallelism)
+    expert_placement: str = ""  # JSON list expert -> rank; "" = round robin
     context_length: int = 0  # 0: the model's, capped at the router's default
     max_images_per_request: int = 16
     allowed_media_domains: tuple[str, ...] = ()  # image URL hosts (see shared.settings.MediaConfig)
@@ -214,6 +217,25 @@ class LocalStack:
                 "--num-pages", str(c.num_pages), "--page-size", str(c.page_size),
                 "--kv-transfer-timeout", str(c.kv_transfer_timeout)]  # fmt: skip
 
+    def _ranks(self, role: str, name: str) -> list[tuple[str, list[str]]]:
+        """(name, args) of each process of one worker: one, or `decode_ep_size` ranks."""
+        c = self.config
+        size = c.decode_ep_size if role == "decode" else 1
+        if size == 1:
+            return [(name, self._worker_args(name))]
+        with socket.socket() as probe:  # a free port for rank 0's group store
+            probe.bind((c.internal_host, 0))
+            rendezvous = f"{c.internal_host}:{probe.getsockname()[1]}"
+        ranks = []
+        for rank in range(size):
+            rank_name = name if rank == 0 else f"{name}.r{rank}"
+            args = self._worker_args(rank_name) + ["--ep-size", str(size), "--ep-rank", str(rank),
+                                                   "--ep-rendezvous", rendezvous]  # fmt: skip
+            if c.expert_placement:
+                args += ["--expert-placement", c.expert_placement]
+            ranks.append((rank_name, args))
+        return ranks
+
     def _vision_args(self, index: int) -> list[str]:
         c = self.config
         return ["--model-path", c.model_path, "--worker-id", f"vision-{index}",
@@ -257,7 +279,12 @@ class LocalStack:
             raise
 
     def workers(self, role: str) -> list[Child]:
-        return [c for c in self.children if c.name.startswith(f"{role}-")]
+        """Workers of a pool; an expert-parallel worker counts once (its rank 0)."""
+        return [c for c in self.children if c.name.startswith(f"{role}-") and ".r" not in c.name]
+
+    def ranks_of(self, worker: Child) -> list[Child]:
+        """Rank 0 and the other ranks (`NAME.rK`) of one worker."""
+        return [worker] + [c for c in self.children if c.name.startswith(f"{worker.name}.r")]
 
     def start_autoscaler(self) -> None:
         c = self.config
@@ -286,10 +313,8 @@ class LocalStack:
             current = self.workers(role)
             next_index = max((int(c.name.rsplit("-", 1)[1]) + 1 for c in current), default=0)
             for i in range(next_index, next_index + max(0, size - len(current))):
-                name = f"{role}-{i}"
-                spawned.append(
-                    self._spawn_worker(name, ROLE_MODULES[role], self._worker_args(name))
-                )
+                for name, args in self._ranks(role, f"{role}-{i}"):
+                    spawned.append(self._spawn_worker(name, ROLE_MODULES[role], args))
             for child in current[size:][::-1] if size < len(current) else []:
                 self._retire(child)
         for child in spawned:
@@ -298,20 +323,33 @@ class LocalStack:
             logger.info("pool sizes: %s", {r: len(self.workers(r)) for r in ROLE_MODULES})
         return {role: len(self.workers(role)) for role in ROLE_MODULES}
 
-    def _retire(self, child: Child) -> None:
+    def forget(self, child: Child) -> None:
+        """Drops a worker process that died on its own from the stack and the router."""
+        child.close()
+        self.children.remove(child)
+        with grpc.insecure_channel(self.router_address) as channel:
+            ctl_grpc.ControlStub(channel).Remove(ctl.RemoveRequest(worker_id=child.name), timeout=5)
+
+    def _retire(self, worker: Child) -> None:
+        """Drains every rank of the worker (no new requests, in-flight ones finish), then stops
+        them together: an expert-parallel rank cannot outlive its peers."""
+        ranks = self.ranks_of(worker)
         with grpc.insecure_channel(self.router_address) as channel:
             control = ctl_grpc.ControlStub(channel)
-            drained = control.Drain(ctl.DrainRequest(worker_id=child.name, timeout_s=120.0))
-            if not drained.drained:
-                logger.warning("%s still had %d requests after draining; stopping it anyway",
-                               child.name, drained.num_inflight)  # fmt: skip
-            child.retiring = True
-            child.signal(signal.SIGTERM)
-            child.wait(10)
-            child.close()
-            control.Remove(ctl.RemoveRequest(worker_id=child.name))
-        self.children.remove(child)
-        logger.info("%s left its pool", child.name)
+            for child in ranks:
+                drained = control.Drain(ctl.DrainRequest(worker_id=child.name, timeout_s=120.0))
+                if not drained.drained:
+                    logger.warning("%s still had %d requests after draining; stopping it anyway",
+                                   child.name, drained.num_inflight)  # fmt: skip
+            for child in ranks:
+                child.retiring = True
+                child.signal(signal.SIGTERM)
+            for child in ranks:
+                child.wait(10)
+                child.close()
+                control.Remove(ctl.RemoveRequest(worker_id=child.name))
+                self.children.remove(child)
+        logger.info("%s left its pool", worker.name)
 
     @property
     def base_url(self) -> str:
@@ -390,7 +428,11 @@ def make_stack(config: StackConfig) -> LocalStack:
 
 
 def run_until_interrupted(config: StackConfig) -> int:
-    """`kimiserve up`: serve until Ctrl-C or a child dies."""
+    """`kimiserve up`: serve until Ctrl-C, or until the router or the gateway dies.
+
+    A worker that dies leaves its pool (the router stops routing to it when its heartbeats
+    stop) and the rest keeps serving; `kimiserve scale` can start a replacement.
+    """
     stop = {"signal": None}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -406,9 +448,12 @@ def run_until_interrupted(config: StackConfig) -> int:
                     config.served_model_name, config.internal_host, config.control_port)  # fmt: skip
         while stop["signal"] is None:
             dead = stack.dead_child()
-            if dead is not None:
+            if dead is not None and dead.name in ("router", "gateway"):
                 logger.error("%s exited with %s; stopping", dead.name, dead.poll())
                 return 1
+            if dead is not None:
+                logger.error("%s exited with %s; it leaves its pool", dead.name, dead.poll())
+                stack.forget(dead)
             time.sleep(0.5)
         control.stop(grace=None)
     logger.info("stopped")

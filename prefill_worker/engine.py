@@ -77,6 +77,10 @@ class PrefillEngine:
     def submit(self, job: PrefillJob) -> Future:
         if not job.prompt_ids:
             raise ValueError("empty prompt")
+        rows = job.input_embeds
+        if rows is not None and rows.shape[0] != len(job.prompt_ids):
+            # Caught here: inside a step it would fail every job of that step.
+            raise ValueError(f"{rows.shape[0]} embedding rows for {len(job.prompt_ids)} tokens")
         total = pages_needed(len(job.prompt_ids), self.runner.page_size)
         if total > self.runner.allocator.num_pages:
             raise ValueError(f"prompt of {len(job.prompt_ids)} tokens exceeds this worker's cache")

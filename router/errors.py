@@ -29,6 +29,9 @@ CLIENT_CLOSED_STATUS = 499
 # Loc segments pydantic adds for union members ("str", "list[ContentPart]", ...): not field names.
 _TYPE_SEGMENTS = {"str", "int", "float", "bool", "dict", "list", "none"}
 _RETRYABLE_STATUSES = {429, 503}
+# A client that stalled mid-body cannot send another request on its connection. (413 keeps the
+# connection so the client reads the answer; the server bounds the discarded rest.)
+_CLOSING_STATUSES = {408}
 
 
 class OpenAIError(Exception):
@@ -60,6 +63,8 @@ class OpenAIError(Exception):
             return {"Retry-After": str(self.retry_after or RETRY_AFTER_SECONDS)}
         if self.status == 401:
             return {"WWW-Authenticate": "Bearer"}
+        if self.status in _CLOSING_STATUSES:
+            return {"Connection": "close"}
         return {}
 
     def response(self) -> JSONResponse:

@@ -18,6 +18,7 @@ no worker) keeps its HTTP status; a failure after that ends the stream with an e
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -32,6 +33,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from proto import kimiserve_pb2 as pb
 from router.errors import (
@@ -63,6 +65,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "moonshotai/Kimi-K2.5"
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Seconds a client may pause while sending its body before it gets 408 (nginx's
+# client_body_timeout is the same idea, at 60 s).
+DEFAULT_BODY_TIMEOUT_S = 30.0
+# Deepest JSON nesting a body may have. Real tool schemas stay far below; deeper ones would only
+# exhaust the Python stack of whoever walks them (the router's template renderer does).
+MAX_JSON_DEPTH = 128
 OWNED_BY = "moonshotai"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -77,6 +85,7 @@ class GatewayState:
     client: RouterClient
     model_name: str
     max_body_bytes: int
+    body_timeout: float
     created: int
 
 
@@ -85,15 +94,18 @@ def create_app(
     served_model_name: str = DEFAULT_MODEL_NAME,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The gateway app. Its lifespan opens the router channel; nothing connects before that.
 
     With `api_key`, every endpoint except `/health` needs `Authorization: Bearer <api_key>`.
+    A client that sends nothing of its body for `body_timeout` seconds gets 408.
     """
     state = GatewayState(
         RouterClient(router_address, max_body_bytes),
         served_model_name,
         max_body_bytes,
+        body_timeout,
         int(time.time()),
     )
 
@@ -135,10 +147,12 @@ def run_gateway(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
-    """Serves the gateway with uvicorn until interrupted (the launcher runs it in its own process)."""
+    """Serves the gateway until interrupted, with the same HTTP settings as `gateway_main`."""
+    from router.gateway_http import server_config  # imports this module
+
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app = create_app(router_address, served_model_name, api_key, max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(server_config(app, host=host, port=port)).run()
 
 
 # ---------------------------------------------------------------- auth and body
@@ -162,13 +176,15 @@ def _auth_dependency(api_key: str | None) -> Callable[[Request], Awaitable[None]
 async def _read_request(request: Request, model: type[RequestT]) -> RequestT:
     """Reads, size-checks, parses and validates a JSON body; every failure is a 4xx."""
     state: GatewayState = request.app.state.gateway
-    body = await _read_body(request, state.max_body_bytes)
+    body = await _read_body(request, state.max_body_bytes, state.body_timeout)
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise invalid_request(f"the body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise invalid_request("the body must be a JSON object")
+    if _nests_deeper_than(data, MAX_JSON_DEPTH):
+        raise invalid_request(f"the body nests JSON deeper than {MAX_JSON_DEPTH} levels")
     try:
         parsed = model.model_validate(data)
     except ValidationError as exc:
@@ -182,7 +198,9 @@ async def _read_request(request: Request, model: type[RequestT]) -> RequestT:
     return parsed
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def _read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
+    """The whole body: 413 past `max_bytes`, 408 after `timeout` seconds without a byte,
+    `ClientGone` when the client leaves while sending it."""
     too_large = OpenAIError(
         413, f"the request body exceeds {max_bytes} bytes", code="request_too_large"
     )
@@ -190,11 +208,33 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > max_bytes:
-            raise too_large
+    pieces = request.stream()
+    try:
+        while (piece := await asyncio.wait_for(anext(pieces, None), timeout)) is not None:
+            body += piece
+            if len(body) > max_bytes:
+                raise too_large
+    except asyncio.TimeoutError:
+        message = f"the request body did not arrive: nothing was received for {timeout:g} s"
+        raise OpenAIError(408, message, code="request_timeout") from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+    finally:
+        await pieces.aclose()
     return bytes(body)
+
+
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and arrays in `value` nest more than `limit` levels (iteratively, so a
+    deep body cannot exhaust the stack here)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        pending.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _reject_constant(name: str) -> None:

@@ -108,6 +108,12 @@ async def run_sample(
         raise
     except grpc.aio.AioRpcError as exc:
         metrics.FAILURES.labels(exc.code().name.lower()).inc()
+        failed_prefill = (
+            prefill_call is not None
+            and prefill_call.done()
+            and not (prefill_call.cancelled() or prefill_call.exception() is None)
+        )
+        _mark_if_lost(prefill if failed_prefill else decode, exc)
         raise _sample_error(exc) from exc
     finally:
         decode.num_inflight -= 1
@@ -131,6 +137,7 @@ async def _reserve(pool: Pool, request: pb.DecodeRequest, exclude: frozenset[str
             try:
                 first = await stream.read()
             except grpc.aio.AioRpcError as exc:
+                _mark_if_lost(decode, exc)
                 full = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 now = asyncio.get_running_loop().time()
                 if not full or now + delay > deadline:
@@ -151,6 +158,14 @@ async def _reserve(pool: Pool, request: pb.DecodeRequest, exclude: frozenset[str
     finally:
         if queued:
             pool.num_queued -= 1
+
+
+def _mark_if_lost(worker, exc: grpc.aio.AioRpcError) -> None:
+    """A worker that cannot be reached leaves the rotation now; its next heartbeat brings it back."""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and worker.state == "ready":
+        logger.warning("%s worker %s is unreachable; out of rotation", worker.role,
+                       worker.worker_id)  # fmt: skip
+        worker.state = "lost"
 
 
 def _sample_error(exc: grpc.aio.AioRpcError) -> SampleError:

@@ -20,7 +20,7 @@ from proto import kimiserve_pb2 as pb
 from proto import vision_pb2 as vpb
 from shared.chat_template import render_chat, resolve_thinking
 from shared.parsers.markers import Marker
-from shared.tokenizer import KimiTokenizer
+from shared.tokenizer import KimiTokenizer, split_long_input
 
 # Roles the template has no header of its own for, and the role they render as.
 ROLE_ALIASES = {"developer": "system"}
@@ -69,7 +69,7 @@ def _loads(text: str, param: str, default: Any) -> Any:
         return default
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"{param} is not valid JSON: {exc}", param) from exc
 
 
@@ -142,10 +142,25 @@ def forced_tool_output(choice: ToolChoice, thinking: bool, first_index: int) -> 
     return text
 
 
+def context_length_message(context_length: int, num_tokens: int, at_least: bool = False) -> str:
+    count = f"at least {num_tokens}" if at_least else str(num_tokens)
+    return (
+        f"This model's maximum context length is {context_length} tokens. However, your prompt "
+        f"has {count} tokens."
+    )
+
+
 class PromptBuilder:
-    def __init__(self, model_path: str | Path, tokenizer: KimiTokenizer) -> None:
+    """Chat rendering and tokenization. With `context_length`, tokenizing stops as soon as a
+    prompt reaches it (an enormous prompt costs only the work up to there); the rest of the
+    length checks are `resolve_sampling`'s."""
+
+    def __init__(
+        self, model_path: str | Path, tokenizer: KimiTokenizer, context_length: int = 0
+    ) -> None:
         self.tokenizer = tokenizer
         self.template = (Path(model_path) / "chat_template.jinja").read_text()
+        self.context_length = context_length
 
     def build(self, request: pb.GenerateRequest) -> Prompt:
         if request.messages:
@@ -153,8 +168,24 @@ class PromptBuilder:
         if request.prompt_token_ids:
             return Prompt(self.check_token_ids(request.prompt_token_ids, "prompt"))
         if request.HasField("prompt"):
-            return Prompt(self.tokenizer.encode(request.prompt), request.prompt)
+            token_ids = self.encode(request.prompt, "prompt")
+            if not token_ids:  # there is no BOS to start from
+                raise InvalidRequest("the prompt must not be empty", "prompt")
+            return Prompt(token_ids, request.prompt)
         raise InvalidRequest("either messages or prompt is required", "messages")
+
+    def encode(self, text: str, param: str) -> list[int]:
+        """`tokenizer.encode(text)`, piece by piece (the tokenizer's own pieces, so the ids are
+        the same); raises `InvalidRequest` once the ids reach the context length."""
+        if not self.context_length:
+            return self.tokenizer.encode(text)
+        ids: list[int] = []
+        for piece in split_long_input(text):
+            ids += self.tokenizer.encode(piece)
+            if len(ids) >= self.context_length:
+                message = context_length_message(self.context_length, len(ids), at_least=True)
+                raise InvalidRequest(message, param)
+        return ids
 
     def check_token_ids(self, token_ids: Sequence[int], param: str) -> list[int]:
         ids = list(token_ids)
@@ -182,7 +213,9 @@ class PromptBuilder:
             text = render_chat(self.template, dicts, tools=tools or None,
                                add_generation_prompt=add_generation_prompt, thinking=thinking,
                                **extra)  # fmt: skip
-        except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        except (jinja2.TemplateError, TypeError, ValueError, RecursionError) as exc:
+            # RecursionError: values nested too deeply for the renderer (the gateway caps the
+            # depth; this guards other callers of the gRPC API).
             raise InvalidRequest(f"cannot render the chat template: {exc}", "messages") from exc
         return RenderedChat(text, thinking, tools, dicts)
 
@@ -198,7 +231,7 @@ class PromptBuilder:
         )
         text = chat.text + forced
         return Prompt(
-            token_ids=self.tokenizer.encode(text),
+            token_ids=self.encode(text, "messages"),
             text=text,
             is_chat=True,
             thinking=chat.thinking,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from proto import kimiserve_pb2 as pb
-from router.prompt import InvalidRequest, Prompt
+from router.prompt import InvalidRequest, Prompt, context_length_message
 
 INT64_SPAN = 2**64
 INT64_MIN = -(2**63)
@@ -56,9 +56,8 @@ def resolve_sampling(request: pb.GenerateRequest, prompt: Prompt, defaults: Samp
     _apply_defaults(sampling, defaults, instant=prompt.is_chat and not prompt.thinking)
     num_prompt = len(prompt.token_ids)
     if num_prompt >= context_length:
-        raise InvalidRequest(
-            f"This model's maximum context length is {context_length} tokens. However, your "
-            f"prompt has {num_prompt} tokens.", "messages" if prompt.is_chat else "prompt")  # fmt: skip
+        raise InvalidRequest(context_length_message(context_length, num_prompt),
+                             "messages" if prompt.is_chat else "prompt")  # fmt: skip
     room = context_length - num_prompt
     if sampling.max_tokens <= 0:
         sampling.max_tokens = room

@@ -74,7 +74,7 @@ class RouterServicer(pb_grpc.RouterServicer):
                  context_length: int, media: MediaResolver) -> None:  # fmt: skip
         self.tokenizer = KimiTokenizer.from_dir(model_path)
         self.markers = MarkerTable.from_tokenizer(self.tokenizer)
-        self.prompts = PromptBuilder(model_path, self.tokenizer)
+        self.prompts = PromptBuilder(model_path, self.tokenizer, context_length)
         self.sampling_defaults = SamplingDefaults.from_dir(model_path)
         self.served_model_name = served_model_name
         self.prefill, self.decode = prefill, decode
@@ -85,7 +85,10 @@ class RouterServicer(pb_grpc.RouterServicer):
         self, request: pb.GenerateRequest, context
     ) -> AsyncIterator[pb.GenerateChunk]:
         try:
-            prompt, images = await self.media.expand(request, self.prompts.build(request))
+            # Rendering and tokenizing take seconds for a prompt of megabytes: off the loop, so
+            # the streams of other requests keep flowing meanwhile.
+            built = await asyncio.to_thread(self.prompts.build, request)
+            prompt, images = await self.media.expand(request, built)
             sampling = resolve_sampling(request, prompt, self.sampling_defaults,
                                         self.context_length, self.tokenizer.eos_token_ids)  # fmt: skip
             prompt = await self.media.encode(request.request_id, prompt, images)
@@ -173,18 +176,21 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         """The prompt a chat request (or a text) becomes, without generating."""
         try:
-            if request.messages:
-                add_generation_prompt = (not request.HasField("add_generation_prompt")
-                                         or request.add_generation_prompt)  # fmt: skip
-                text = self.prompts.render(request.messages, request.tools_json,
-                                           request.chat_template_kwargs_json,
-                                           add_generation_prompt).text  # fmt: skip
-            elif request.HasField("prompt"):
-                text = request.prompt
-            else:
-                raise InvalidRequest("either messages or prompt is required", "messages")
+            return await asyncio.to_thread(self._tokenize, request)
         except InvalidRequest as exc:
             return pb.TokenizeResponse(error=invalid(exc))
+
+    def _tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        if request.messages:
+            add_generation_prompt = (not request.HasField("add_generation_prompt")
+                                     or request.add_generation_prompt)  # fmt: skip
+            text = self.prompts.render(request.messages, request.tools_json,
+                                       request.chat_template_kwargs_json,
+                                       add_generation_prompt).text  # fmt: skip
+        elif request.HasField("prompt"):
+            text = request.prompt
+        else:
+            raise InvalidRequest("either messages or prompt is required", "messages")
         ids = self.tokenizer.encode(text)
         response = pb.TokenizeResponse(tokens=ids, max_model_len=self.context_length, text=text)
         if request.return_token_strs:

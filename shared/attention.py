@@ -68,7 +68,8 @@ class TorchAttentionBackend:
 
     Decode batches (one query per sequence) run as one batched attention over the page tables
     padded to the longest; other batches (prefill, chunked prefill) run one sequence at a time,
-    where each sequence's queries already make large matrix products.
+    where each sequence's queries already make large matrix products, in blocks of
+    `QUERY_BLOCK` queries that each stop at their own last key.
     """
 
     def __init__(self, cache: KVCache, softmax_scale: float) -> None:
@@ -78,6 +79,8 @@ class TorchAttentionBackend:
     def forward(
         self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
+        if not batch.q_lens:  # an empty step (an idle expert-parallel rank)
+            return torch.empty_like(q_lat)
         if batch.is_decode:
             return self._decode(layer, q_lat, q_pe, batch)
         return self._ragged(layer, q_lat, q_pe, batch)
@@ -109,14 +112,28 @@ class TorchAttentionBackend:
             kpe = kpe_pages.index_select(0, index).flatten(0, 1)[:kv_len].float()  # [S, R]
             ql = q_lat[start : start + q_len].float().transpose(0, 1)  # [H, Tq, r]
             qp = q_pe[start : start + q_len].float().transpose(0, 1)  # [H, Tq, R]
-            scores = torch.matmul(qp, kpe.t())  # [H, Tq, S]
-            scores = torch.baddbmm(scores, ql, ckv.t().expand(ql.shape[0], -1, -1),
-                                   alpha=self.scale, beta=self.scale)  # fmt: skip
-            if q_len > 1:
-                causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=q_lat.device)
-                causal = causal.triu(diagonal=kv_len - q_len + 1)  # True above the diagonal
-                scores.masked_fill_(causal, float("-inf"))
-            probs = scores.softmax(dim=-1)
-            out[start : start + q_len] = torch.matmul(probs, ckv).transpose(0, 1).to(out.dtype)
+            # Blocks of queries stop at their last key, which skips most of the masked half.
+            for first in range(0, q_len, self.QUERY_BLOCK):
+                last = min(first + self.QUERY_BLOCK, q_len)
+                num_keys = kv_len - q_len + last
+                block = self._causal(ql[:, first:last], qp[:, first:last], ckv[:num_keys],
+                                     kpe[:num_keys])  # fmt: skip
+                out[start + first : start + last] = block.to(out.dtype)
             start += q_len
         return out
+
+    QUERY_BLOCK = 128
+
+    def _causal(
+        self, ql: torch.Tensor, qp: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor
+    ) -> torch.Tensor:
+        """Queries [H, t, *] that are the last t of the S keys [S, *]; returns [t, H, r]."""
+        num_queries, num_keys = ql.shape[1], ckv.shape[0]
+        scores = torch.matmul(qp, kpe.t())  # [H, t, S]
+        scores = torch.baddbmm(scores, ql, ckv.t().expand(ql.shape[0], -1, -1),
+                               alpha=self.scale, beta=self.scale)  # fmt: skip
+        if num_queries > 1:
+            future = torch.ones(num_queries, num_keys, dtype=torch.bool, device=ql.device)
+            future = future.triu(diagonal=num_keys - num_queries + 1)
+            scores.masked_fill_(future, float("-inf"))
+        return torch.matmul(scores.softmax(dim=-1), ckv).transpose(0, 1)  # [t, H, r]

@@ -121,18 +121,18 @@ QUANTIZATION_CONFIG: dict[str, Any] = {
 
 # Text sizes other than tiny, as overrides of `TEXT_CONFIG`; the vocabulary (and so the tokenizer)
 # and every switch stay the same. "bench" is wider, deeper and has more experts, for
-# `bench/engine.py`: about 160 MB of bf16/INT4 weights, 0.7 GB in float32.
+# `bench/engine.py`.
 TEXT_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {},
     "bench": {
-        "hidden_size": 512,
-        "intermediate_size": 1536,
-        "moe_intermediate_size": 256,
-        "num_hidden_layers": 6,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 4,
         "num_attention_heads": 8,
         "num_key_value_heads": 8,
-        "q_lora_rank": 192,
-        "kv_lora_rank": 128,
+        "q_lora_rank": 96,
+        "kv_lora_rank": 64,
         "qk_nope_head_dim": 32,
         "qk_rope_head_dim": 16,
         "v_head_dim": 32,
@@ -161,9 +161,10 @@ MEDIA_PROC_CONFIG: dict[str, Any] = {
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write the tiny checkpoint into `out_dir` (created if needed) and return its path.
 
-    `size` names an entry of `TEXT_SIZES` ("tiny", or the larger "bench"). Files: `config.json`, `generation_config.json`, `preprocessor_config.json`,
-    `model-0000N-of-00002.safetensors`, `model.safetensors.index.json`, and the tokenizer files
-    written by `shared.tokenizer_train.write_tokenizer_files`. Existing files are overwritten.
+    `size` names an entry of `TEXT_SIZES` ("tiny", or the larger "bench"). Files: `config.json`,
+    `generation_config.json`, `preprocessor_config.json`, `model-0000N-of-00002.safetensors`,
+    `model.safetensors.index.json`, and the tokenizer files written by
+    `shared.tokenizer_train.write_tokenizer_files`. Existing files are overwritten.
     """
     from shared.tokenizer_train import write_tokenizer_files
 
@@ -184,7 +185,8 @@ def build_config(token_ids: dict[str, int], size: str = "tiny") -> dict[str, Any
     """The wrapper `config.json` in the release layout, with the sizes of `TEXT_SIZES[size]` and
     the token ids that `write_tokenizer_files` returned."""
     assert token_ids["vocab_size"] == TEXT_CONFIG["vocab_size"], token_ids
-    assert size in TEXT_SIZES, f"unknown checkpoint size {size!r}, expected one of {list(TEXT_SIZES)}"
+    if size not in TEXT_SIZES:
+        raise ValueError(f"unknown checkpoint size {size!r}; sizes: {', '.join(TEXT_SIZES)}")
     text_sizes = {**TEXT_CONFIG, **TEXT_SIZES[size]}
     ids = {name: token_ids[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
     text = {

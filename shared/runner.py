@@ -47,7 +47,9 @@ class ModelRunner:
             page_table.extend(self.allocator.allocate(missing))
 
     def build_batch(self, steps: list[SeqStep]) -> ForwardBatch:
-        ids, positions, slots = [], [], []
+        ids = []
+        positions = [torch.zeros(0, dtype=torch.long)]  # an empty batch is an idle EP step
+        slots = [torch.zeros(0, dtype=torch.long)]
         for step in steps:
             start, end = step.num_cached, step.num_cached + len(step.token_ids)
             ids.extend(step.token_ids)

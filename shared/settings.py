@@ -28,6 +28,10 @@ class WorkerConfig:
     num_pages: int = 2048
     page_size: int = 16
     kv_transfer_timeout: float = 30.0
+    ep_size: int = 1  # expert parallelism: ranks of this decode worker
+    ep_rank: int = 0
+    ep_rendezvous: str = ""  # host:port where rank 0 hosts the worker's group store
+    expert_placement: str = ""  # JSON list expert -> rank; "" = round robin
     router_address: str = ""  # register with this router and send heartbeats ("" = static)
     dtype: str = "float32"
     log_level: str = "INFO"

@@ -184,6 +184,43 @@ def test_batched_decode_attention_equals_per_sequence(seed):
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_attention_in_query_blocks_equals_full_causal():
+    """Long chunks (several query blocks) after cached tokens, beside a short one."""
+
+    class _Cfg:
+        num_hidden_layers, kv_lora_rank, qk_rope_head_dim = 1, 32, 8
+
+    gen = torch.Generator().manual_seed(4)
+    cache = KVCache(_Cfg, 200, PAGE_SIZE, torch.float32, "cpu")
+    backend = TorchAttentionBackend(cache, softmax_scale=0.2)
+    seqs, next_page = [], 0
+    for q_len, kv_len in [(300, 350), (3, 3), (2 * backend.QUERY_BLOCK, 2 * backend.QUERY_BLOCK)]:
+        pages = list(range(next_page, next_page + pages_needed(kv_len, PAGE_SIZE)))
+        next_page += len(pages)
+        ckv, kpe = torch.randn(kv_len, 32, generator=gen), torch.randn(kv_len, 8, generator=gen)
+        cache.write(0, slots_for(pages, 0, kv_len, PAGE_SIZE), ckv, kpe)
+        seqs.append((q_len, kv_len, pages, ckv, kpe))
+    total = sum(s[0] for s in seqs)
+    q_lat, q_pe = torch.randn(total, 3, 32, generator=gen), torch.randn(total, 3, 8, generator=gen)
+    batch = ForwardBatch(
+        input_ids=torch.zeros(total, dtype=torch.long),
+        positions=torch.zeros(total, dtype=torch.long),
+        slots=torch.zeros(total, dtype=torch.long),
+        q_lens=[s[0] for s in seqs],
+        kv_lens=[s[1] for s in seqs],
+        page_tables=[s[2] for s in seqs],
+    )
+    out = backend.forward(0, q_lat, q_pe, batch)
+    start = 0
+    for q_len, kv_len, _, ckv, kpe in seqs:
+        for i in range(q_len):
+            visible = kv_len - q_len + i + 1
+            ref = _reference_attention(q_lat[start + i], q_pe[start + i], ckv[:visible],
+                                       kpe[:visible], 0.2)  # fmt: skip
+            torch.testing.assert_close(out[start + i], ref, atol=1e-5, rtol=1e-5)
+        start += q_len
+
+
 def _naive_routed(moe, x, ids, weights):
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
@@ -202,7 +239,8 @@ def test_grouped_experts_equal_one_expert_at_a_time(model):
                                atol=1e-5, rtol=1e-5)  # fmt: skip
     # The experts' weights are views of the stacks: an in-place change reaches both.
     w13, _ = moe._stacked_weights()
-    assert moe.experts[3].up_proj.weight.data_ptr() == w13[3, moe.experts[3].up_proj.out_features :].data_ptr()
+    up = moe.experts[3].up_proj
+    assert up.weight.data_ptr() == w13[3, up.out_features :].data_ptr()
 
 
 def test_grouped_experts_follow_replaced_parameters(model):
@@ -240,3 +278,18 @@ def test_sample_batch_equals_sample_one_row_by_row():
     got = sample_batch(logits, configs, steps, prompts, outputs)
     for i, cfg in enumerate(configs):
         assert got[i] == sample_one(logits[i], cfg, steps[i], prompts[i], outputs[i]), i
+
+
+def test_bench_size_changes_only_sizes():
+    from shared.checkpoint import TEXT_CONFIG, build_config
+
+    token_ids = {"vocab_size": TEXT_CONFIG["vocab_size"], "bos_token_id": 1, "eos_token_id": 2,
+                 "pad_token_id": 3, "media_placeholder_token_id": 4}  # fmt: skip
+    tiny, bench = build_config(token_ids)["text_config"], build_config(token_ids, "bench")
+    bench = bench["text_config"]
+    assert bench["hidden_size"] > tiny["hidden_size"]
+    assert bench["n_routed_experts"] > tiny["n_routed_experts"]
+    same = {"vocab_size", "scoring_func", "topk_method", "rope_scaling", "first_k_dense_replace"}
+    assert all(bench[key] == tiny[key] for key in same)
+    with pytest.raises(ValueError, match="unknown checkpoint size"):
+        build_config(token_ids, "huge")

@@ -74,7 +74,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, ..., R]; positions: [T]. Returns x rotated, same shape and dtype."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
-        cos = (angles.cos() * self.magnitude).view(angles.shape[0], *([1] * (x.dim() - 2)), -1)
+        shape = (angles.shape[0], *([1] * (x.dim() - 2)), angles.shape[1])  # [T, 1.., R/2]
+        cos = (angles.cos() * self.magnitude).view(shape)
         sin = (angles.sin() * self.magnitude).view_as(cos)
         pairs = x.float().unflatten(-1, (-1, 2))  # [T, ..., R/2, 2]
         even, odd = pairs[..., 0], pairs[..., 1]

@@ -54,6 +54,8 @@ class MLAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, backend: AttentionBackend
     ) -> torch.Tensor:
+        if x.shape[0] == 0:  # an idle expert-parallel rank: attention is rank-local
+            return self.o_proj.weight.new_zeros(0, self.o_proj.out_features)
         q = self._queries(x).view(-1, self.num_heads, self.nope_dim + self.rope_dim)  # [T, H, N+R]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = self.rotary(q_pe, batch.positions)  # [T, H, R]

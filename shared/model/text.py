@@ -66,6 +66,6 @@ class KimiTextModel(nn.Module):
         for layer in self.layers:
             x = layer(x, batch, cache, backend)
         if not all_logits:
-            last = torch.tensor(batch.q_lens, device=x.device).cumsum(0) - 1
+            last = torch.tensor(batch.q_lens, dtype=torch.long, device=x.device).cumsum(0) - 1
             x = x.index_select(0, last)  # [B, D]
         return self.lm_head(self.norm(x)).float()
