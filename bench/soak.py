@@ -123,8 +123,11 @@ async def _one_request(client: openai.AsyncOpenAI, index: int, max_tokens: int,
             messages=[{"role": "user", "content": f"Request {index}: {words}"}],
             max_tokens=max_tokens,
             stream=True,
+            stream_options={"include_usage": True},
         )
         async for chunk in stream:
+            if chunk.usage is not None:
+                result.num_tokens += chunk.usage.completion_tokens
             choice = chunk.choices[0] if chunk.choices else None
             if choice is None:
                 continue
@@ -136,7 +139,6 @@ async def _one_request(client: openai.AsyncOpenAI, index: int, max_tokens: int,
                 else:
                     result.itl_s.append(now - last)
                 last = now
-                result.num_tokens += 1
             finish = choice.finish_reason or finish
         if finish not in ("length", "stop"):
             raise RuntimeError(f"finish_reason {finish!r}")
@@ -195,12 +197,19 @@ def soak(model_path: str, minutes: float, num_clients: int, max_tokens: int) -> 
     with LocalStack(config) as stack:
         pages_start = worker_pages(stack)
         load = asyncio.run(
-            run_load(stack.base_url, num_clients, minutes * 60, max_tokens, lambda: stack_rss(stack))
+            run_load(
+                stack.base_url, num_clients, minutes * 60, max_tokens, lambda: stack_rss(stack)
+            )
         )
         pages_end = wait_for_free_pages(stack, within_s=10.0)
     return {
-        "config": {"minutes": minutes, "clients": num_clients, "max_tokens": max_tokens,
-                   "num_pages": config.num_pages, "warmup_s": WARMUP_S},  # fmt: skip
+        "config": {
+            "minutes": minutes,
+            "clients": num_clients,
+            "max_tokens": max_tokens,
+            "num_pages": config.num_pages,
+            "warmup_s": WARMUP_S,
+        },  # fmt: skip
         **load.summary(),
         "pages_start": pages_start,
         "pages_end": pages_end,

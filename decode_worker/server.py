@@ -17,6 +17,7 @@ import grpc
 import torch
 
 from decode_worker.engine import DecodeEngine, Request
+from proto import control_pb2 as ctl
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
 from shared.config import ModelConfig
@@ -28,6 +29,7 @@ from shared.model.expert_parallel import (
     create_ep_group,
     enable_expert_parallel,
 )
+from shared.model.expert_stats import ExpertStats, enable_expert_stats
 from shared.model.loader import load_text_model
 from shared.registration import load_of, register_and_beat
 from shared.runner import ModelRunner
@@ -103,6 +105,7 @@ def serve(config: WorkerConfig) -> None:
     model = load_text_model(
         config.model_path, dtype=getattr(torch, config.dtype), owned_experts=owned
     )
+    stats = enable_expert_stats(model) if config.expert_stats else None
     runner = ModelRunner(model, config.num_pages, config.page_size)
     engine = DecodeEngine(runner, transfer_timeout=config.kv_transfer_timeout)
     text = model.config
@@ -116,6 +119,7 @@ def serve(config: WorkerConfig) -> None:
         kv_shape=(text.num_hidden_layers, text.kv_cache_dim),
         dtype=runner.cache.ckv.dtype,
         timeout=config.kv_transfer_timeout,
+        page_size=config.page_size,
     )
     if placement is not None:
         _join_expert_group(config, model, engine, placement)
@@ -132,10 +136,19 @@ def serve(config: WorkerConfig) -> None:
     )  # fmt: skip
     if config.router_address:
         register_and_beat(config.router_address, "decode", config.worker_id,
-                          f"{config.host}:{port}", lambda: load_of(servicer.Status(None, None)))  # fmt: skip
+                          f"{config.host}:{port}", lambda: _load(servicer, stats))  # fmt: skip
     sys.stdout.write(f"READY {port}\n")
     sys.stdout.flush()
     server.wait_for_termination()
+
+
+def _load(servicer: DecodeServicer, stats: ExpertStats | None) -> ctl.WorkerLoad:
+    """The heartbeat's load; with `--expert-stats`, also the tokens per expert since start."""
+    load = load_of(servicer.Status(None, None))
+    if stats is not None:
+        load.expert_token_layers.extend(stats.layer_ids)
+        load.expert_tokens.extend(stats.flat())
+    return load
 
 
 def _placement(config: WorkerConfig) -> ExpertPlacement | None:

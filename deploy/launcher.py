@@ -51,6 +51,7 @@ class StackConfig:
     kv_transfer_timeout: float = 30.0
     api_key: str | None = None
     policy: str = "round_robin"
+    fault_kv_delay: float = 0.0  # fault tests only (see WorkerConfig)
     decode_ep_size: int = 1  # ranks per decode worker (expert parallelism)
     expert_placement: str = ""  # JSON list expert -> rank; "" = round robin
     context_length: int = 0  # 0: the model's, capped at the router's default
@@ -215,7 +216,8 @@ class LocalStack:
         return ["--model-path", c.model_path, "--worker-id", worker_id, "--host", c.internal_host,
                 "--router-address", self.router_address,
                 "--num-pages", str(c.num_pages), "--page-size", str(c.page_size),
-                "--kv-transfer-timeout", str(c.kv_transfer_timeout)]  # fmt: skip
+                "--kv-transfer-timeout", str(c.kv_transfer_timeout),
+                "--fault-kv-delay", str(c.fault_kv_delay)]  # fmt: skip
 
     def _ranks(self, role: str, name: str) -> list[tuple[str, list[str]]]:
         """(name, args) of each process of one worker: one, or `decode_ep_size` ranks."""

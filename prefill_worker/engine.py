@@ -6,6 +6,8 @@ last. A prompt longer than the budget spans several steps (chunked prefill); its
 attend over the latents its earlier chunks left in the cache. A job gets all its pages when it
 starts. When its last chunk has run, its first token is sampled, its latents are copied out as
 one tensor [L, S, r+R] for the KV sender, and its pages are freed before its future resolves.
+A job that brings its own pages (`PrefillJob.pages`: a colocated worker, whose decode engine
+reserved them in this same cache) is computed in place; nothing is copied out or freed.
 
 Threads: `submit` is called from gRPC handlers; `step` runs on the engine thread (`start`) or,
 with the thread not started, on the caller's (an in-process driver).
@@ -35,12 +37,15 @@ class PrefillJob:
     sampling: SamplingConfig
     future: Future = dataclasses.field(default_factory=Future)
     input_embeds: torch.Tensor | None = None  # [S, D] with image rows spliced in; None: text only
+    # Pages already reserved for this prompt in this engine's own cache (a colocated worker):
+    # the prefill writes its latents there, keeps the pages and returns no `kv`.
+    pages: list[int] | None = None
 
 
 @dataclasses.dataclass
 class PrefillResult:
     first: Sampled
-    kv: torch.Tensor  # [L, S, r+R]
+    kv: torch.Tensor | None  # [L, S, r+R]; None when the job brought its own pages
 
 
 @dataclasses.dataclass
@@ -50,6 +55,10 @@ class _Started:
     job: PrefillJob
     pages: list[int]
     num_done: int = 0
+
+    @property
+    def owns_pages(self) -> bool:
+        return self.job.pages is None
 
     @property
     def num_left(self) -> int:
@@ -116,7 +125,8 @@ class PrefillEngine:
             failed = [started for started, _ in chunks if started in self._started]
             for started in failed:
                 self._started.remove(started)
-                self.runner.allocator.free(started.pages)
+                if started.owns_pages:
+                    self.runner.allocator.free(started.pages)
                 started.job.future.set_exception(exc)
         return sum(num for _, num in chunks)
 
@@ -139,13 +149,14 @@ class PrefillEngine:
             budget -= num
         while budget > 0 and self._pending:
             job = self._pending[0]
-            num_pages = pages_needed(len(job.prompt_ids), self.runner.page_size)
+            own = job.pages is None
+            num_pages = pages_needed(len(job.prompt_ids), self.runner.page_size) if own else 0
             if not self.runner.allocator.can_allocate(num_pages):
                 break  # arrival order: later jobs wait too
             self._pending.pop(0)
             if not job.future.set_running_or_notify_cancel():
                 continue  # the caller went away while the job waited
-            started = _Started(job, self.runner.allocator.allocate(num_pages))
+            started = _Started(job, self.runner.allocator.allocate(num_pages) if own else job.pages)
             self._started.append(started)
             num = min(started.num_left, budget)
             chunks.append((started, num))
@@ -168,6 +179,10 @@ class PrefillEngine:
     def _finish(self, started: _Started, last_logits: torch.Tensor) -> None:
         job = started.job
         first = sample_one(last_logits, job.sampling, 0, job.prompt_ids)
+        if not started.owns_pages:
+            self._started.remove(started)
+            job.future.set_result(PrefillResult(first, None))
+            return
         ckv, kpe = self.runner.cache.gather(started.pages, len(job.prompt_ids))
         kv = torch.cat([ckv, kpe], dim=-1)  # [L, S, r+R]
         self._started.remove(started)

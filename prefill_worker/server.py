@@ -94,7 +94,7 @@ def serve(config: WorkerConfig) -> None:
     model = load_text_model(config.model_path, dtype=getattr(torch, config.dtype))
     engine = PrefillEngine(ModelRunner(model, config.num_pages, config.page_size))
     engine.start()
-    sender = KVSender(config.worker_id, config.kv_transfer_timeout)
+    sender = KVSender(config.worker_id, config.kv_transfer_timeout, config.fault_kv_delay)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=GRPC_OPTIONS)
     servicer = PrefillServicer(config, engine, sender)
     pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)

@@ -7,16 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_free_pages", "num_total_pages", "num_running", "num_waiting")
+    __slots__ = ("num_free_pages", "num_total_pages", "num_running", "num_waiting", "expert_tokens", "expert_token_layers")
     NUM_FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
     num_free_pages: int
     num_total_pages: int
     num_running: int
     num_waiting: int
-    def __init__(self, num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ...) -> None: ...
+    expert_tokens: _containers.RepeatedScalarFieldContainer[int]
+    expert_token_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., expert_token_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("role", "worker_id", "address")

@@ -13,7 +13,7 @@ import time
 from proto import control_pb2 as ctl
 from proto import control_pb2_grpc as ctl_grpc
 from router import metrics
-from router.pools import Pool
+from router.pools import Pool, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +23,11 @@ class ControlServicer(ctl_grpc.ControlServicer):
         self.pools = pools
         self.heartbeat_interval_s = heartbeat_interval_s
 
-    def _find(self, worker_id: str):
-        for pool in self.pools.values():
-            worker = pool.get(worker_id)
-            if worker is not None:
-                return pool, worker
-        return None, None
+    def _find(self, worker_id: str) -> list[tuple[Pool, Worker]]:
+        """(pool, entry) of every pool the worker is in: a colocated worker serves two roles
+        under one id, so its heartbeat, drain and removal apply to both entries."""
+        found = [(pool, pool.get(worker_id)) for pool in self.pools.values()]
+        return [(pool, worker) for pool, worker in found if worker is not None]
 
     async def Register(self, request: ctl.RegisterRequest, context) -> ctl.RegisterResponse:
         pool = self.pools.get(request.role)
@@ -40,30 +39,31 @@ class ControlServicer(ctl_grpc.ControlServicer):
         return ctl.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
     async def Heartbeat(self, request: ctl.HeartbeatRequest, context) -> ctl.HeartbeatResponse:
-        pool, _ = self._find(request.worker_id)
-        return ctl.HeartbeatResponse(known=bool(pool and pool.heartbeat(request.worker_id,
-                                                                        request.load)))  # fmt: skip
+        known = [pool.heartbeat(request.worker_id, request.load)
+                 for pool, _ in self._find(request.worker_id)]  # fmt: skip
+        return ctl.HeartbeatResponse(known=any(known))
 
     async def Drain(self, request: ctl.DrainRequest, context) -> ctl.DrainResponse:
-        _, worker = self._find(request.worker_id)
-        if worker is None:
-            return ctl.DrainResponse(drained=True)
-        worker.state = "draining"
-        logger.info("draining %s (%d in flight)", worker.worker_id, worker.num_inflight)
+        workers = [worker for _, worker in self._find(request.worker_id)]
+        for worker in workers:
+            worker.state = "draining"
+
+        def inflight() -> int:
+            return sum(worker.num_inflight for worker in workers)
+
+        logger.info("draining %s (%d in flight)", request.worker_id, inflight())
         deadline = time.monotonic() + (request.timeout_s or 60.0)
-        while worker.num_inflight and time.monotonic() < deadline:
+        while inflight() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return ctl.DrainResponse(drained=worker.num_inflight == 0,
-                                 num_inflight=worker.num_inflight)  # fmt: skip
+        return ctl.DrainResponse(drained=inflight() == 0, num_inflight=inflight())
 
     async def Remove(self, request: ctl.RemoveRequest, context) -> ctl.RemoveResponse:
-        pool, worker = self._find(request.worker_id)
-        if pool is None:
-            return ctl.RemoveResponse(found=False)
-        pool.remove(request.worker_id)
-        await worker.channel.close()
-        logger.info("removed %s worker %s", pool.role, request.worker_id)
-        return ctl.RemoveResponse(found=True)
+        found = self._find(request.worker_id)
+        for pool, worker in found:
+            pool.remove(request.worker_id)
+            await worker.channel.close()
+            logger.info("removed %s worker %s", pool.role, request.worker_id)
+        return ctl.RemoveResponse(found=bool(found))
 
     async def Metrics(self, request, context) -> ctl.MetricsResponse:
         metrics.update_pool_gauges(self.pools)

@@ -3,7 +3,8 @@
 Latencies are histograms (seconds); the parts of the time to first token are: queue (until the
 decode worker reserved pages), prefill (the prefill worker's queue and compute), transfer (the
 KV push), vision (image encoding) and first decode step (prefill answer to first token seen).
-Pool gauges are refreshed from heartbeats by `update_pool_gauges`.
+Pool gauges are refreshed from heartbeats by `update_pool_gauges`; so is the expert load
+(`kimiserve:expert_tokens_total{layer,expert}`, from decode workers run with `--expert-stats`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from proto import control_pb2 as ctl
 
 REGISTRY = CollectorRegistry()
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -38,6 +42,56 @@ POOL_WORKERS = Gauge("kimiserve:pool_workers", "Workers", ["role", "state"], reg
 POOL_QUEUE = Gauge("kimiserve:pool_queue_depth", "Requests waiting", ["role"], registry=REGISTRY)
 POOL_FREE_PAGES = Gauge("kimiserve:pool_free_pages", "Free KV pages", ["role"], registry=REGISTRY)
 POOL_INFLIGHT = Gauge("kimiserve:pool_inflight", "Requests in flight", ["role"], registry=REGISTRY)
+
+
+class ExpertTokens:
+    """`kimiserve:expert_tokens_total{layer,expert}`: tokens routed to each expert, summed over
+    workers (and over the ranks of expert-parallel workers, which beat separately).
+
+    A heartbeat carries the worker's counts since it started; the latest per worker is kept and
+    summed when scraped, so a heartbeat costs one copy. Counts that went down (the worker
+    restarted) or changed layout are first folded into a base, and a removed worker's last counts
+    stay, so the counter never decreases.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[str, tuple[tuple[int, ...], list[int]]] = {}  # id -> (layers, counts)
+        self._base: dict[tuple[int, int], int] = {}  # (layer, expert) -> tokens
+
+    def update(self, worker_id: str, load: ctl.WorkerLoad) -> None:
+        if not load.expert_tokens:
+            return
+        layers, counts = tuple(load.expert_token_layers), list(load.expert_tokens)
+        assert len(counts) % len(layers) == 0, f"{len(counts)} counts for {len(layers)} layers"
+        previous = self._latest.get(worker_id)
+        if previous is not None and (
+            previous[0] != layers
+            or len(previous[1]) != len(counts)
+            or any(new < old for new, old in zip(counts, previous[1]))
+        ):
+            _add_counts(self._base, *previous)
+        self._latest[worker_id] = (layers, counts)
+
+    def collect(self):
+        totals = dict(self._base)
+        for layers, counts in self._latest.values():
+            _add_counts(totals, layers, counts)
+        family = CounterMetricFamily("kimiserve:expert_tokens", "Tokens routed to each expert "
+                                     "(once per chosen expert)", labels=["layer", "expert"])  # fmt: skip
+        for (layer, expert), value in sorted(totals.items()):
+            family.add_metric([str(layer), str(expert)], value)
+        yield family
+
+
+def _add_counts(totals: dict[tuple[int, int], int], layers: tuple[int, ...], counts: list[int]):
+    num_experts = len(counts) // len(layers)
+    for i, count in enumerate(counts):
+        key = (layers[i // num_experts], i % num_experts)
+        totals[key] = totals.get(key, 0) + count
+
+
+EXPERT_TOKENS = ExpertTokens()
+REGISTRY.register(EXPERT_TOKENS)
 
 
 def render() -> bytes:

@@ -126,19 +126,29 @@ def _pieces(kv: torch.Tensor) -> list[torch.Tensor]:
 class KVSender:
     """Sends requests' latents to decode workers; one cached pair per decode worker."""
 
-    def __init__(self, worker_id: str, timeout: float) -> None:
+    def __init__(self, worker_id: str, timeout: float, fault_delay_s: float = 0.0) -> None:
         self.worker_id = worker_id
         self.timeout = timeout
+        # Fault tests only: pause between the control message and the data, so a test can kill
+        # a peer while the decode side waits inside the transfer.
+        self.fault_delay_s = fault_delay_s
         self._ctx = zmq.Context.instance()
         self._pairs: dict[str, _SenderPair] = {}
+        self._building: dict[str, threading.Lock] = {}  # one lock per decode worker address
         self._lock = threading.Lock()
 
     def _pair(self, rendezvous: str, control: str) -> _SenderPair:
+        """The cached pair to `control`, built on first use. Building waits for the peer, so it
+        holds only that address's lock: a dead decode worker does not stall sends to others."""
         with self._lock:
-            pair = self._pairs.get(control)
+            building = self._building.setdefault(control, threading.Lock())
+        with building:
+            with self._lock:
+                pair = self._pairs.get(control)
             if pair is None:
                 pair = _SenderPair(self._ctx, rendezvous, control, self.worker_id, self.timeout)
-                self._pairs[control] = pair
+                with self._lock:
+                    self._pairs[control] = pair
                 logger.info("KV pair %s to %s ready", pair.pair_id, control)
             return pair
 
@@ -164,6 +174,8 @@ class KVSender:
             push.pair_id, push.tag = pair.pair_id, pair.take_tags(len(pieces))
             try:
                 pair.socket.send(encoder.encode(push))
+                if self.fault_delay_s:
+                    time.sleep(self.fault_delay_s)
                 works = [pair.group.send([piece], 1, (push.tag + i) % _MAX_TAG)
                          for i, piece in enumerate(pieces)]  # fmt: skip
                 _wait_all(works, deadline)

@@ -32,6 +32,8 @@ class WorkerConfig:
     ep_rank: int = 0
     ep_rendezvous: str = ""  # host:port where rank 0 hosts the worker's group store
     expert_placement: str = ""  # JSON list expert -> rank; "" = round robin
+    expert_stats: bool = False  # decode: count tokens per expert, sent with the heartbeat
+    fault_kv_delay: float = 0.0  # fault tests only: seconds between KV control and data
     router_address: str = ""  # register with this router and send heartbeats ("" = static)
     dtype: str = "float32"
     log_level: str = "INFO"

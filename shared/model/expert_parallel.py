@@ -6,6 +6,11 @@ Shape letters: T tokens on this rank, K experts per token, D hidden, R rows rece
 Placement is a table (`expert -> rank`), loaded at start; a rebalancer only has to write a new
 table. Attention stays data-parallel: each rank runs its own requests. Every rank calls every
 MoE layer once per step, also with zero tokens, so the collectives always meet.
+
+With `EPContext.time_phases`, `ep_routed` adds the seconds of its three phases to
+`EPContext.timing`: "dispatch" (routing, the count exchange and the two all_to_alls out), "expert"
+(the owned experts on the received rows) and "combine" (the all_to_all back and the weighted sum).
+Off, it reads no clock.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -55,6 +61,7 @@ class EPContext:
     group: dist.ProcessGroup
     rank: int
     placement: ExpertPlacement
+    time_phases: bool = False  # accumulate per-phase seconds in `timing`
     timing: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase
     keepalive: tuple = ()  # the group's store and listening socket
 
@@ -80,6 +87,16 @@ def exchange_counts(group: dist.ProcessGroup, send: torch.Tensor) -> list[int]:
     return recv.tolist()
 
 
+def _lap(ctx: EPContext, phase: str, start: float, done: torch.Tensor) -> float:
+    """Adds the seconds since `start` to `ctx.timing[phase]` and returns now. On GPU it first
+    waits for the queued kernels, so each phase is charged with its own work."""
+    if done.is_cuda:
+        torch.cuda.synchronize(done.device)
+    now = time.perf_counter()
+    ctx.timing[phase] = ctx.timing.get(phase, 0.0) + now - start
+    return now
+
+
 def ep_routed(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -93,6 +110,7 @@ def ep_routed(
     Dispatch: each (token, expert) row goes to the expert's rank with its expert id. The owner
     runs its experts on what it received; combine sends the results back in the same order.
     """
+    clock = time.perf_counter() if ctx.time_phases else 0.0
     num_ranks = ctx.placement.num_ranks
     flat_ids = ids.flatten()  # [T*K]
     dest = ctx.owner_of[flat_ids]  # [T*K] rank of each row's expert
@@ -103,6 +121,8 @@ def ep_routed(
     token_of = order // ids.shape[1]
     rows = _all_to_all(ctx.group, x.index_select(0, token_of), send_list, recv)  # [R, D]
     row_experts = _all_to_all(ctx.group, flat_ids[order], send_list, recv)  # [R]
+    if ctx.time_phases:
+        clock = _lap(ctx, "dispatch", clock, rows)
 
     local = ctx.local_index[row_experts]  # [R] index into the local stacks
     assert bool((local >= 0).all()), "received a row for an expert this rank does not own"
@@ -116,11 +136,15 @@ def ep_routed(
             gate, up = F.linear(rows.index_select(0, idx), w13[expert]).chunk(2, dim=-1)
             y[idx] = F.linear(F.silu(gate) * up, w2[expert])
             start += count
+    if ctx.time_phases:
+        clock = _lap(ctx, "expert", clock, y)
 
     back = _all_to_all(ctx.group, y, recv, send_list)  # [T*K, D] in `order`
     weighted = back.float() * weights.flatten()[order, None]
-    out = torch.zeros_like(x, dtype=torch.float32).index_add_(0, token_of, weighted)
-    return out.to(x.dtype)
+    out = torch.zeros_like(x, dtype=torch.float32).index_add_(0, token_of, weighted).to(x.dtype)
+    if ctx.time_phases:
+        _lap(ctx, "combine", clock, out)
+    return out
 
 
 def create_ep_group(

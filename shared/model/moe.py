@@ -77,9 +77,13 @@ class MoE(nn.Module):
         self._stack_ptrs: list[int] = []
         self.ep: EPContext | None = None  # expert parallelism: this rank holds some experts
         self._local_stacks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.expert_counts: torch.Tensor | None = None  # [E] tokens per expert (expert_stats.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)  # [T, K], [T, K]
+        if self.expert_counts is not None:  # a bincount; CUDA's `bincount` would sync
+            flat = ids.flatten()
+            self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
         if self.ep is None:
             out = self.routed(x, ids, weights)
         else:
