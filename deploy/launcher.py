@@ -46,6 +46,7 @@ class StackConfig:
     num_prefill: int = 1
     num_decode: int = 1
     num_vision: int = 1
+    colocated: bool = False  # workers do prefill and decode in one process (benchmark baseline)
     num_pages: int = 2048
     page_size: int = 16
     kv_transfer_timeout: float = 30.0
@@ -54,6 +55,7 @@ class StackConfig:
     fault_kv_delay: float = 0.0  # fault tests only (see WorkerConfig)
     decode_ep_size: int = 1  # ranks per decode worker (expert parallelism)
     expert_placement: str = ""  # JSON list expert -> rank; "" = round robin
+    expert_stats: bool = False  # decode workers send tokens per expert (kimiserve:expert_tokens)
     context_length: int = 0  # 0: the model's, capped at the router's default
     max_images_per_request: int = 16
     allowed_media_domains: tuple[str, ...] = ()  # image URL hosts (see shared.settings.MediaConfig)
@@ -154,6 +156,9 @@ class ProcessSpawner:
 
 
 ROLE_MODULES = {"decode": "decode_worker.server", "prefill": "prefill_worker.server"}
+# `--colocated`: the decode pool's workers also serve prefill (`num_decode` of them, no prefill
+# pool); they register under both roles.
+COLOCATED_MODULE = "decode_worker.colocated_server"
 
 
 class LocalStack:
@@ -217,7 +222,8 @@ class LocalStack:
                 "--router-address", self.router_address,
                 "--num-pages", str(c.num_pages), "--page-size", str(c.page_size),
                 "--kv-transfer-timeout", str(c.kv_transfer_timeout),
-                "--fault-kv-delay", str(c.fault_kv_delay)]  # fmt: skip
+                "--fault-kv-delay", str(c.fault_kv_delay)] + (
+                    ["--expert-stats"] if c.expert_stats else [])  # fmt: skip
 
     def _ranks(self, role: str, name: str) -> list[tuple[str, list[str]]]:
         """(name, args) of each process of one worker: one, or `decode_ep_size` ranks."""
@@ -270,7 +276,10 @@ class LocalStack:
             router = self._spawn("router", "router.server", router_args, host=head)
             self._await_ready(router)
             self.router_address = router.address
-            self.scale({"decode": c.num_decode, "prefill": c.num_prefill})
+            if c.colocated and c.decode_ep_size > 1:
+                raise ValueError("--colocated workers run one rank: drop --decode-ep-size")
+            sizes = {"decode": c.num_decode, "prefill": 0 if c.colocated else c.num_prefill}
+            self.scale(sizes)
             gateway_args = ["--host", c.host, "--port", str(c.port), "--router",
                             self.router_address, "--served-model-name", c.served_model_name]  # fmt: skip
             if c.api_key:
@@ -316,7 +325,10 @@ class LocalStack:
             next_index = max((int(c.name.rsplit("-", 1)[1]) + 1 for c in current), default=0)
             for i in range(next_index, next_index + max(0, size - len(current))):
                 for name, args in self._ranks(role, f"{role}-{i}"):
-                    spawned.append(self._spawn_worker(name, ROLE_MODULES[role], args))
+                    module = ROLE_MODULES[role]
+                    if self.config.colocated and role == "decode":
+                        module = COLOCATED_MODULE
+                    spawned.append(self._spawn_worker(name, module, args))
             for child in current[size:][::-1] if size < len(current) else []:
                 self._retire(child)
         for child in spawned:

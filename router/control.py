@@ -39,6 +39,8 @@ class ControlServicer(ctl_grpc.ControlServicer):
         return ctl.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
     async def Heartbeat(self, request: ctl.HeartbeatRequest, context) -> ctl.HeartbeatResponse:
+        for _, worker in self._find(request.worker_id)[:1]:
+            metrics.EXPERT_TOKENS.update(request.worker_id, worker.address, request.load)
         known = [pool.heartbeat(request.worker_id, request.load)
                  for pool, _ in self._find(request.worker_id)]  # fmt: skip
         return ctl.HeartbeatResponse(known=any(known))

@@ -44,6 +44,7 @@ from router.errors import (
     install_error_handlers,
     invalid_request,
 )
+from router.gateway_http import server_config
 from router.gateway_metrics import add_metrics_route
 from router.openai_schema import (
     ApiRequest,
@@ -148,8 +149,6 @@ def run_gateway(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Serves the gateway until interrupted, with the same HTTP settings as `gateway_main`."""
-    from router.gateway_http import server_config  # imports this module
-
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app = create_app(router_address, served_model_name, api_key, max_body_bytes)
     uvicorn.Server(server_config(app, host=host, port=port)).run()

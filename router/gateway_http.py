@@ -1,11 +1,16 @@
 """The gateway's HTTP server: uvicorn (h11) with every wait on a client bounded.
 
-uvicorn bounds the idle time between requests on a kept-alive connection (`timeout_keep_alive`)
-but not the time a client takes to send a request head: a client that sends its headers byte by
-byte, or nothing at all, holds its connection forever. `GatewayProtocol` closes a connection whose
-request head is not complete `head_timeout` seconds after the connection opened or the previous
-response ended, answering 408. It also answers malformed HTTP with an OpenAI error body instead
-of uvicorn's plain text. The app bounds pauses while the body arrives (`create_app(body_timeout)`).
+uvicorn closes a kept-alive connection that stays idle (`timeout_keep_alive`), but nothing bounds
+the time a client takes to send a request head once it started one, or on a new connection: a
+client that sends its headers byte by byte, or nothing at all, would hold its connection forever.
+`GatewayProtocol` gives a request head `head_timeout` seconds from the connection's opening (or
+from its first byte on a kept-alive connection), then answers 408 and closes. It also answers
+malformed HTTP with an OpenAI error body instead of uvicorn's plain text. The app bounds pauses
+while a body arrives (`create_app(body_timeout)`).
+
+Idle kept-alive connections stay open `KEEP_ALIVE_S` seconds, longer than HTTP clients keep them
+in their pools (httpx and so the `openai` package: 5 s, aiohttp: 15 s); at uvicorn's default of
+5 s the server sometimes closed a connection just as a client reused it, and that request failed.
 
 A client that stops reading a streaming answer holds only its own connection: generation goes on
 in the workers and frees its pages at the end, the router buffers the chunks, and everything of
@@ -32,7 +37,7 @@ from router.errors import OpenAIError, invalid_request
 logger = logging.getLogger(__name__)
 
 DEFAULT_HEAD_TIMEOUT_S = 30.0
-KEEP_ALIVE_S = 5
+KEEP_ALIVE_S = 75  # nginx's default; above the pool expiry of common clients
 GRACEFUL_SHUTDOWN_S = 5
 MAX_HEAD_BYTES = 64 * 1024  # larger request heads are a 400 (h11 counts the whole head)
 
@@ -40,10 +45,10 @@ MAX_HEAD_BYTES = 64 * 1024  # larger request heads are a 400 (h11 counts the who
 class GatewayProtocol(H11Protocol):
     """uvicorn's h11 protocol with deadlines on what a client still owes, and JSON errors.
 
-    One timer per connection: while it waits for a request head (since the connection opened or
-    the previous response ended), or for the rest of a body that was answered before it ended
-    (413: uvicorn reads and discards it, so the client can read its answer). Either way the
-    client has `head_timeout` seconds before the connection is closed.
+    One timer per connection, running while the server waits for a request head (from the
+    connection's opening, or from the head's first byte on a kept-alive connection), or for the
+    rest of a body answered before it ended (413: uvicorn reads and discards it, so the client
+    can read its answer). Either way the client has `head_timeout` seconds.
     """
 
     def __init__(self, *args, head_timeout: float = DEFAULT_HEAD_TIMEOUT_S, **kwargs) -> None:
@@ -57,20 +62,18 @@ class GatewayProtocol(H11Protocol):
         self._arm("head")
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        state = self.conn.their_state
-        if self._awaiting == "head" and state is not h11.IDLE:
-            self._cancel()  # the head is complete; the app bounds the body
-        elif self._awaiting == "rest of body" and state is h11.IDLE:
-            self._arm("head")  # the discarded body ended; the next request may follow
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().data_received(data)  # this cancels uvicorn's keep-alive timer
         if self.transport.is_closing():
             return
-        if self.conn.their_state is h11.IDLE:
-            self._arm("head")
-        elif self.conn.their_state is h11.SEND_BODY:
+        head_pending = self.conn.their_state is h11.IDLE
+        if self._awaiting == "head" and not head_pending:
+            self._cancel()  # the head is complete; the app bounds the body
+        elif self._awaiting != "head" and head_pending:
+            self._arm("head")  # a head began on a kept-alive connection
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # this arms uvicorn's keep-alive timer
+        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
             self._arm("rest of body")
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -5,7 +5,8 @@
    sample waits (at most `QUEUE_TIMEOUT_S`, at most `MAX_QUEUED` samples at once) and tries
    again, then fails with 503 and Retry-After.
 2. Call `PrefillWorker.Prefill` with that descriptor: the prefill worker computes the KV, pushes
-   it into the reserved pages and samples the first token.
+   it into the reserved pages and samples the first token. A colocated worker (in both pools
+   under one id) prefills its own reservations, into its own pages.
 3. Read tokens from the decode stream until it reports a finish reason.
 Leaving early (client gone, error) cancels both calls; the decode worker frees the pages when
 its stream is cancelled.
@@ -78,6 +79,9 @@ async def run_sample(
     timer = metrics.SampleTimer(len(prompt_ids))
     decode, stream, first = await _reserve(decode_pool, decode_req, exclude)
     timer.reserved()
+    colocated = prefill_pool.get(decode.worker_id)  # prefills into its own pages: no transfer
+    if colocated is not None and colocated.state == "ready":
+        prefill = colocated
     prefill_call = None
     for worker in (decode, prefill):
         worker.num_inflight += 1

@@ -3,12 +3,13 @@
 Latencies are histograms (seconds); the parts of the time to first token are: queue (until the
 decode worker reserved pages), prefill (the prefill worker's queue and compute), transfer (the
 KV push), vision (image encoding) and first decode step (prefill answer to first token seen).
-Pool gauges are refreshed from heartbeats by `update_pool_gauges`; so is the expert load
-(`kimiserve:expert_tokens_total{layer,expert}`, from decode workers run with `--expert-stats`).
+Pool gauges are refreshed from heartbeats by `update_pool_gauges`; `EXPERT_TOKENS` keeps the
+expert load each heartbeat of a decode worker run with `--expert-stats` carries.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from proto import control_pb2 as ctl
 
+logger = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry()
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -49,33 +51,39 @@ class ExpertTokens:
     workers (and over the ranks of expert-parallel workers, which beat separately).
 
     A heartbeat carries the worker's counts since it started; the latest per worker is kept and
-    summed when scraped, so a heartbeat costs one copy. Counts that went down (the worker
-    restarted) or changed layout are first folded into a base, and a removed worker's last counts
-    stay, so the counter never decreases.
+    summed when scraped, so a heartbeat costs one copy. When a worker id comes back at a new
+    address or its counts go down (a new process) or change layout, its previous counts move
+    into a base; a removed worker's last counts stay. So the counter never decreases.
     """
 
     def __init__(self) -> None:
-        self._latest: dict[str, tuple[tuple[int, ...], list[int]]] = {}  # id -> (layers, counts)
+        # worker id -> (address, layer of each row, counts [rows x experts] flattened)
+        self._latest: dict[str, tuple[str, tuple[int, ...], list[int]]] = {}
         self._base: dict[tuple[int, int], int] = {}  # (layer, expert) -> tokens
 
-    def update(self, worker_id: str, load: ctl.WorkerLoad) -> None:
+    def update(self, worker_id: str, address: str, load: ctl.WorkerLoad) -> None:
         if not load.expert_tokens:
             return
         layers, counts = tuple(load.expert_token_layers), list(load.expert_tokens)
-        assert len(counts) % len(layers) == 0, f"{len(counts)} counts for {len(layers)} layers"
+        if not layers or len(counts) % len(layers):
+            logger.warning("%s sent %d expert counts for %d layers; ignored", worker_id,
+                           len(counts), len(layers))  # fmt: skip
+            return
         previous = self._latest.get(worker_id)
         if previous is not None and (
-            previous[0] != layers
-            or len(previous[1]) != len(counts)
-            or any(new < old for new, old in zip(counts, previous[1]))
+            previous[:2] != (address, layers)
+            or len(previous[2]) != len(counts)
+            or any(new < old for new, old in zip(counts, previous[2]))
         ):
-            _add_counts(self._base, *previous)
-        self._latest[worker_id] = (layers, counts)
+            _add_counts(self._base, *previous[1:])
+        self._latest[worker_id] = (address, layers, counts)
 
     def collect(self):
         totals = dict(self._base)
-        for layers, counts in self._latest.values():
+        for _, layers, counts in self._latest.values():
             _add_counts(totals, layers, counts)
+        if not totals:
+            return
         family = CounterMetricFamily("kimiserve:expert_tokens", "Tokens routed to each expert "
                                      "(once per chosen expert)", labels=["layer", "expert"])  # fmt: skip
         for (layer, expert), value in sorted(totals.items()):

@@ -25,6 +25,8 @@ from shared.tokenizer import KimiTokenizer, split_long_input
 # Roles the template has no header of its own for, and the role they render as.
 ROLE_ALIASES = {"developer": "system"}
 TOOL_CHOICE_MODES = ("none", "auto", "required")
+# Template variables the request's own fields set; `chat_template_kwargs` cannot replace them.
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt"})
 
 
 class InvalidRequest(ValueError):
@@ -208,6 +210,9 @@ class PromptBuilder:
         except ValueError as exc:
             raise InvalidRequest(str(exc), "chat_template_kwargs") from exc
         extra = {k: v for k, v in kwargs.items() if k not in ("thinking", "enable_thinking")}
+        if reserved := sorted(RESERVED_TEMPLATE_VARIABLES & extra.keys()):
+            raise InvalidRequest(f"chat_template_kwargs may not set {reserved[0]!r}; it comes "
+                                 "from the request itself", "chat_template_kwargs")  # fmt: skip
         dicts = [message_to_dict(m) for m in messages]
         try:
             text = render_chat(self.template, dicts, tools=tools or None,

@@ -1,4 +1,5 @@
-"""Expert-parallel MoE across real processes (gloo): equals the single-rank layer."""
+"""Expert-parallel MoE across real processes (gloo): equals the single-rank layer, also with
+phase timing and expert counting switched on."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from shared.model.expert_parallel import (
     create_ep_group,
     enable_expert_parallel,
 )
+from shared.model.expert_stats import enable_expert_stats
 from shared.model.loader import load_text_model
 
 LAYER = 1  # the first MoE layer
@@ -28,29 +30,34 @@ def _inputs(rank: int, hidden: int) -> torch.Tensor:
 
 
 def _rank_main(model_dir: str, rank: int, size: int, owner: list[int], rendezvous: str,
-               out_dir: str) -> None:  # fmt: skip
+               out_dir: str, switches: bool) -> None:  # fmt: skip
     torch.set_num_threads(1)
     placement = ExpertPlacement(tuple(owner), size)
     model = load_text_model(model_dir, owned_experts=placement.local_experts(rank))
     group, keepalive = create_ep_group(rendezvous, rank, size, timeout_s=60)
-    enable_expert_parallel(model, EPContext(group, rank, placement, keepalive=keepalive))
+    ctx = EPContext(group, rank, placement, time_phases=switches, keepalive=keepalive)
+    enable_expert_parallel(model, ctx)
+    stats = enable_expert_stats(model) if switches else None
     moe = model.layers[LAYER].mlp
     with torch.inference_mode():
         out = moe(_inputs(rank, model.config.hidden_size))
-    save_file({"out": out.contiguous()}, f"{out_dir}/rank{rank}.safetensors")
+    assert set(ctx.timing) == ({"dispatch", "expert", "combine"} if switches else set())
+    counts = {"counts": stats.counts[stats.layer_ids.index(LAYER)].clone()} if switches else {}
+    save_file({"out": out.contiguous(), **counts}, f"{out_dir}/rank{rank}.safetensors")
 
 
-def _run_ranks(model_dir: Path, size: int, owner: list[int], out_dir: Path) -> list[torch.Tensor]:
+def _run_ranks(model_dir: Path, size: int, owner: list[int], out_dir: Path,
+               switches: bool) -> list[dict[str, torch.Tensor]]:  # fmt: skip
     ctx = mp.get_context("spawn")
     rendezvous = f"127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, args=(str(model_dir), r, size, owner, rendezvous,
-                                                  str(out_dir))) for r in range(size)]  # fmt: skip
+                                                  str(out_dir), switches)) for r in range(size)]  # fmt: skip
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join(180)
         assert proc.exitcode == 0
-    return [load_file(out_dir / f"rank{r}.safetensors")["out"] for r in range(size)]
+    return [load_file(out_dir / f"rank{r}.safetensors") for r in range(size)]
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +75,14 @@ def test_expert_parallel_moe_equals_one_rank(tiny_checkpoint, reference, tmp_pat
     if shuffled:  # a non-contiguous, uneven table
         random.Random(0).shuffle(owner)
         owner[owner.index(1)] = 0
-    outs = _run_ranks(tiny_checkpoint, size, owner, tmp_path)
+    results = _run_ranks(tiny_checkpoint, size, owner, tmp_path, switches=shuffled)
     for rank in range(size):
-        assert outs[rank].shape == reference[rank].shape
-        diff = (outs[rank] - reference[rank]).abs()
+        out = results[rank]["out"]
+        assert out.shape == reference[rank].shape
+        diff = (out - reference[rank]).abs()
         assert diff.numel() == 0 or diff.max().item() <= 1e-5
+        if shuffled:  # timing and counting were on: each rank counted its own tokens x top_k
+            assert int(results[rank]["counts"].sum()) == TOKENS_PER_RANK[rank] * 4
 
 
 def test_placement_table_is_checked():

@@ -25,6 +25,7 @@ import uvicorn
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
 from router.gateway import create_app
+from router.gateway_http import DEFAULT_HEAD_TIMEOUT_S, server_config
 
 MODEL = "moonshotai/Kimi-K2.5"
 API_KEY = "sk-test-key"
@@ -113,11 +114,13 @@ class ScriptedRouter(pb_grpc.RouterServicer):
 class GatewayThread:
     """Serves an app with uvicorn on a free 127.0.0.1 port in a background thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, head_timeout: float = DEFAULT_HEAD_TIMEOUT_S) -> None:
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = server_config(app, log_level="warning", head_timeout=head_timeout)
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
         )
@@ -499,15 +502,63 @@ def test_invalid_chat_requests_are_400_naming_the_field(router, gateway, fields,
 
 
 LONE_SURROGATE = b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'
+# Valid JSON nested deeper than the gateway's limit (the router's renderer would recurse).
+DEEP = json.loads("[" * 300 + "]" * 300)
+DEEP_TOOLS = json.dumps(
+    chat_body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"x": DEEP}}}])
+).encode()
 
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"[1, 2]", b'{"messages": NaN}', b"\xff\xfe", b"[" * 100_000, LONE_SURROGATE],
-)
+    [b"{not json", b"[1, 2]", b'{"messages": NaN}', b"\xff\xfe", b"[" * 100_000, LONE_SURROGATE,
+     DEEP_TOOLS],
+)  # fmt: skip
 def test_malformed_bodies_are_400(router, gateway, content):
     response = httpx.post(gateway + CHAT, content=content, timeout=30)
     assert_openai_error(response, 400)
+    assert router.requests == []
+
+
+def _answer_then_close(port: int, sent: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(sent)
+        answer = b""
+        while piece := sock.recv(4096):  # until the gateway closes the connection
+            answer += piece
+    return answer
+
+
+def test_slow_head_and_slow_body_get_408_and_the_connection_closes(router):
+    app = create_app(router.address, MODEL, body_timeout=0.5)
+    partial = b"POST /v1/chat/completions HTTP/1.1\r\n"
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    with GatewayThread(app, head_timeout=0.5) as served:
+        partial_head = _answer_then_close(served.port, partial)
+        partial_body = _answer_then_close(served.port, head + b"{")
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            health = b""
+            while not health.endswith(b'{"status":"ok"}'):
+                health += sock.recv(4096)
+            assert health.startswith(b"HTTP/1.1 200")
+            time.sleep(1.0)  # idle on a kept-alive connection: no deadline yet
+            sock.sendall(partial)  # a head begins: now it has 0.5 s
+            kept_alive = b""
+            while piece := sock.recv(4096):
+                kept_alive += piece
+    for answer in (partial_head, partial_body, kept_alive):
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "request_timeout"
+    assert router.requests == []
+
+
+def test_malformed_http_is_an_openai_400(gateway):
+    port = int(gateway.rsplit(":", 1)[1])
+    answer = _answer_then_close(port, b"GARBAGE\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
 
 
 def test_completions_reject_batches(gateway):

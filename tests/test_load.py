@@ -131,28 +131,31 @@ def _read_until_closed(sock: socket.socket, within_s: float) -> bytes:
     raise AssertionError(f"the server kept the connection for {within_s} s: {received[:200]!r}")
 
 
+def _open_slow_clients(port: int, hello: dict):
+    """20 connections for request heads sent a byte at a time (never completed), 5 whose body
+    stops after its first bytes, and 4 streams of 200 tokens that are never read (a small
+    receive buffer fills at once)."""
+    dripping = [_connect(port) for _ in range(20)]
+    stalled = [_connect(port) for _ in range(5)]
+    for sock in stalled:
+        sock.sendall(_request(hello)[:-10])
+    unread = []
+    for _ in range(4):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(_request({**hello, "stream": True, "max_tokens": 200, "ignore_eos": True}))
+        unread.append(sock)
+    return dripping, stalled, unread
+
+
 def test_slow_clients_do_not_block_others(stack, strict_gateway):
     port, pid = strict_gateway.port, strict_gateway.process.pid
     baseline = _established(pid, port)
     hello = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     started = time.monotonic()
 
-    # Slowloris: request heads sent one byte at a time, never completed.
-    dripping = [_connect(port) for _ in range(20)]
-    # A body that stops after its first bytes.
-    stalled = [_connect(port) for _ in range(5)]
-    for sock in stalled:
-        sock.sendall(_request(hello)[:-10])
-    # Streams never read: a small receive buffer fills at once.
-    unread = []
-    for _ in range(4):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", port))
-        long_stream = {**hello, "stream": True, "max_tokens": 200, "ignore_eos": True}
-        sock.sendall(_request(long_stream))
-        unread.append(sock)
-
+    dripping, stalled, unread = _open_slow_clients(port, hello)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
                            timeout=30)  # fmt: skip
     latencies, answers, answered_after = [], {}, []

@@ -384,3 +384,45 @@ def test_seeded_samples_get_consecutive_seeds():
     assert for_sample(sampling, 0) is sampling
     assert [for_sample(sampling, i).seed for i in (1, 2)] == [-(2**63), -(2**63) + 1]
     assert not for_sample(pb.SamplingParams(), 2).HasField("seed")
+
+
+# ---------------------------------------------------------------- hostile prompts
+
+
+def test_prompt_tokenizing_stops_at_the_context_length(tiny_tokenizer, tiny_tokenizer_dir):
+    limited = PromptBuilder(tiny_tokenizer_dir, tiny_tokenizer, context_length=64)
+    huge = pb.GenerateRequest(request_id="r", prompt="word " * 2_000_000)
+    with pytest.raises(InvalidRequest, match="maximum context length is 64 tokens") as error:
+        limited.build(huge)
+    assert error.value.param == "prompt"
+    # Below the limit the ids are the tokenizer's, long runs and 400k-character pieces included.
+    text = "x" * 30_000 + " " * 30_000 + "yz " * 150_000
+    unlimited = PromptBuilder(tiny_tokenizer_dir, tiny_tokenizer, context_length=10**7)
+    assert unlimited.encode(text, "prompt") == tiny_tokenizer.encode(text)
+
+
+def test_empty_text_prompt_is_refused_before_any_worker(builder):
+    with pytest.raises(InvalidRequest, match="must not be empty"):
+        builder.build(pb.GenerateRequest(request_id="r", prompt=""))
+
+
+def test_too_deeply_nested_tools_are_an_invalid_request(builder):
+    deep = "[" * 5000 + "]" * 5000
+    nested = {"type": "object", "properties": {"x": json.loads("[" * 800 + "]" * 800)}}
+    for tools_json in (
+        deep,
+        json.dumps([tool("f") | {"function": {"name": "f", "parameters": nested}}]),
+    ):
+        req = request(tools=())
+        req.tools_json = tools_json
+        with pytest.raises(InvalidRequest):
+            builder.build(req)
+
+
+def test_template_kwargs_cannot_replace_the_requests_own_fields(builder):
+    for name in ("messages", "tools", "add_generation_prompt"):
+        req = request()
+        req.chat_template_kwargs_json = json.dumps({name: 1})
+        with pytest.raises(InvalidRequest, match=f"may not set '{name}'") as error:
+            builder.build(req)
+        assert error.value.param == "chat_template_kwargs"
