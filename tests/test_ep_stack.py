@@ -12,6 +12,8 @@ import openai
 import pytest
 from stack_utils import router_address, start_stack
 
+from proto import control_pb2 as ctl
+from proto import control_pb2_grpc as ctl_grpc
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
 from shared.model.generate import greedy_generate
@@ -47,6 +49,12 @@ def _served(stack, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
+def _states(stack, *worker_ids: str) -> set[str]:
+    with grpc.insecure_channel(router_address(stack)) as channel:
+        workers = ctl_grpc.ControlStub(channel).ListWorkers(ctl.ListWorkersRequest()).workers
+    return {w.state for w in workers if w.worker_id in worker_ids}
+
+
 def test_ep4_matches_one_rank(tiny_checkpoint, expected):
     prompts, tokens = expected
     stack = start_stack(tiny_checkpoint, decode_ep_size=4)
@@ -73,9 +81,13 @@ def test_ep2_shuffled_placement_matches_then_survives_a_lost_rank(
         while stack.child("decode-0").poll() is None:  # the peer exits, it does not hang
             assert time.monotonic() < deadline, "rank 0 hung after losing rank 1"
             time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while _states(stack, "decode-0", "decode-0.r1") != {"lost"}:  # out of the pool
+            assert time.monotonic() < deadline, _states(stack, "decode-0", "decode-0.r1")
+            time.sleep(0.2)
         client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0)
-        for _ in range(6):  # decode-1's ranks keep serving (a request sent to the dead worker
-            reply = client.chat.completions.create(  # is retried once on another)
+        for _ in range(6):  # decode-1's ranks keep serving
+            reply = client.chat.completions.create(
                 model="moonshotai/Kimi-K2.5", messages=[{"role": "user", "content": "Hi"}],
                 max_tokens=3, temperature=0,
             )  # fmt: skip
