@@ -5,7 +5,7 @@
 # checkpoint, each behind its own gateway and router on free 127.0.0.1 ports.
 #
 # For each stack: a request-rate sweep of uniform prompts (bench/serve.py), then a mixed load
-# where a fifth of the prompts are long (2,048 tokens). Writes bench/results/serve_<mode>.json,
+# where 30 % of the prompts are long (2,048 tokens). Writes bench/results/serve_<mode>.json,
 # serve_<mode>_mixed.json, serve.md (side by side) and serve.png. See docs/bench.md.
 #
 #   bench/compare.sh                                          # about 13 minutes on 2 CPU cores
@@ -20,7 +20,7 @@ OUT=${OUT:-bench/results}
 MODES=${MODES:-disaggregated colocated colocated-x2}
 RATES=${RATES:-1,2,4,8}
 NUM_PROMPTS=${NUM_PROMPTS:-60}
-MIXED_RATE=${MIXED_RATE:-1}
+MIXED_RATE=${MIXED_RATE:-1.5}
 MIXED_PROMPTS=${MIXED_PROMPTS:-60}
 SLO=(--slo-ttft-ms "${SLO_TTFT_MS:-1000}" --slo-tpot-ms "${SLO_TPOT_MS:-50}")
 LOGS=$(mktemp -d /tmp/kimiserve-compare.XXXXXX)
@@ -85,7 +85,7 @@ for mode in $MODES; do
   "$PY" -m bench.serve "${common[@]}" --request-rates "$RATES" --num-prompts "$NUM_PROMPTS" \
     --input-len 128 --output-len 32 --out "$OUT/serve_$mode.json"
   "$PY" -m bench.serve "${common[@]}" --request-rates "$MIXED_RATE" \
-    --num-prompts "$MIXED_PROMPTS" --input-len 64 --output-len 64 --long-fraction 0.2 \
+    --num-prompts "$MIXED_PROMPTS" --input-len 64 --output-len 96 --long-fraction 0.3 \
     --long-input-len 2048 --long-output-len 8 --seed 1 --out "$OUT/serve_${mode}_mixed.json"
   stop_stack
   report+=(--sweep "$mode=$OUT/serve_$mode.json" --mixed "$mode=$OUT/serve_${mode}_mixed.json")

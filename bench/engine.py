@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -171,6 +172,8 @@ def bench_checkpoint(size: str, root: Path, prompts: list[list[int]], runs: int)
         assert hf_tokens in (None, tokens), "transformers' tokens changed between runs"
         hf_tokens = tokens
         hf_runs.append(seconds)
+        print(f"{size} run {len(hf_runs)}/{runs}: ours {ours_runs[-1][0]:.1f} s, transformers "
+              f"{seconds[0]:.1f} s (wall)", file=sys.stderr, flush=True)  # fmt: skip
     expected_kv = text.num_hidden_layers * text.kv_cache_dim * torch.float32.itemsize
     assert ours_kv == expected_kv, (ours_kv, expected_kv)
 

@@ -48,6 +48,8 @@ import openai
 
 CORPUS = Path(__file__).parent.parent / "shared" / "data" / "tiny_corpus.txt"
 PERCENTILES = (50, 90, 99)
+SERVER_PARTS = ("queue", "prefill", "kv_transfer", "first_decode_step", "time_to_first_token",
+                "inter_token_latency")  # fmt: skip
 SCHEMA = "kimiserve.bench.serve/1"
 
 
@@ -201,15 +203,17 @@ async def run_at_rate(client: openai.AsyncOpenAI, args: argparse.Namespace,
 
 def stats_ms(values: list[float]) -> dict[str, float | None]:
     if not values:
-        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}, "max": None}
     ms = np.asarray(values) * 1000
-    return {"mean": float(ms.mean()), **{f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES}}
+    pcts = {f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES}
+    return {"mean": float(ms.mean()), **pcts, "max": float(ms.max())}
 
 
 def latencies(outcomes: list[Outcome]) -> dict[str, dict[str, float | None]]:
     return {
         "ttft_ms": stats_ms([o.ttft for o in outcomes]),
         "itl_ms": stats_ms([gap for o in outcomes for gap in o.itl]),
+        "itl_worst_ms": stats_ms([max(o.itl) for o in outcomes if o.itl]),  # one per request
         "tpot_ms": stats_ms([o.tpot for o in outcomes if o.tpot is not None]),
         "e2e_ms": stats_ms([o.e2e for o in outcomes]),
     }
@@ -296,20 +300,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def load_prompts(args: argparse.Namespace) -> list[Prompt]:
+async def load_prompts(http: httpx.AsyncClient, args: argparse.Namespace) -> list[Prompt]:
     if args.dataset == "jsonl":
         return jsonl_prompts(args)
     if args.dataset == "image":
         return image_prompts(args)
-    async with httpx.AsyncClient(base_url=args.base_url, timeout=60,
-                                 headers={"Authorization": f"Bearer {args.api_key}"}) as http:  # fmt: skip
-        return await random_prompts(http, args)
+    return await random_prompts(http, args)
+
+
+async def server_sums(http: httpx.AsyncClient) -> dict[str, float]:
+    """The router's unlabelled Prometheus samples (`kimiserve:*`), from the gateway."""
+    try:
+        response = await http.get("/metrics")
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return {}
+    samples = (line.split() for line in response.text.splitlines() if line.startswith("kimiserve:"))
+    return {fields[0]: float(fields[1]) for fields in samples if len(fields) == 2}
+
+
+def server_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean ms of the router's latency histograms over one run: the parts of TTFT as the
+    server sees them (queue, prefill, KV transfer, first decode step) and its own TTFT and ITL."""
+    means = {}
+    for part in SERVER_PARTS:
+        name = f"kimiserve:{part}_seconds"
+        count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+        total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
+        means[part] = 1000 * total / count if count else None
+    return means
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     slo = {name: bound for name, bound in (("ttft_ms", args.slo_ttft_ms),
            ("tpot_ms", args.slo_tpot_ms), ("e2e_ms", args.slo_e2e_ms)) if bound > 0}  # fmt: skip
-    prompts = await load_prompts(args)
+    http = httpx.AsyncClient(base_url=args.base_url, timeout=60,
+                             headers={"Authorization": f"Bearer {args.api_key}"})  # fmt: skip
+    prompts = await load_prompts(http, args)
     rates = [float(r) for r in args.request_rates.split(",")]
     client = openai.AsyncOpenAI(base_url=f"{args.base_url}/v1", api_key=args.api_key,
                                 max_retries=0, timeout=args.timeout)  # fmt: skip
@@ -318,10 +345,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     runs = []
     for rate in rates:
+        before = await server_sums(http)
         outcomes, duration = await run_at_rate(client, args, prompts, rate)
         runs.append(summarize(outcomes, duration, rate, args, slo))
+        runs[-1]["server_mean_ms"] = server_means(before, await server_sums(http))
         print_run(runs[-1])
     await client.close()
+    await http.aclose()
     dataset = {k: getattr(args, k) for k in ("dataset", "num_prompts", "input_len", "output_len",
                "long_fraction", "long_input_len", "long_output_len", "image_size", "seed")}  # fmt: skip
     dataset["dataset_path"] = args.dataset_path or None

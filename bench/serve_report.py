@@ -26,6 +26,7 @@ METRICS = (("ttft_ms", "time to first token"), ("itl_ms", "inter-token latency")
            ("tpot_ms", "time per output token"), ("e2e_ms", "end-to-end latency"))  # fmt: skip
 STYLES = {"p50": ("-", "o"), "p90": ("--", "s"), "p99": (":", "^")}
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+BARS = ("p50", "p90", "p99", "max")
 
 
 def _rate(run: dict[str, Any]) -> float:
@@ -56,15 +57,15 @@ def _sweep_panels(axes, series: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def _mixed_panel(ax, mixed: dict[str, dict[str, Any]], group: str, key: str, title: str) -> None:
-    """Bars: p50, p90 and p99 of one metric of one group, one colour per system."""
+    """Bars: p50, p90, p99 and max of one metric of one group, one colour per system."""
     width = 0.8 / max(1, len(mixed))
     for i, (color, (label, run)) in enumerate(zip(COLORS, mixed.items())):
         stats = run["groups"].get(group, {}).get(key, {})
-        values = [stats.get(p) or 0.0 for p in STYLES]
-        xs = [j + i * width for j in range(len(STYLES))]
+        values = [stats.get(p) or 0.0 for p in BARS]
+        xs = [j + i * width for j in range(len(BARS))]
         bars = ax.bar(xs, values, width, color=color, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks([j + width * (len(mixed) - 1) / 2 for j in range(len(STYLES))], list(STYLES))
+    ax.set_xticks([j + width * (len(mixed) - 1) / 2 for j in range(len(BARS))], list(BARS))
     ax.set_title(title)
     ax.set_ylabel("ms")
     ax.legend(fontsize=7)
@@ -92,7 +93,7 @@ def _throughput_panel(ax, series: dict[str, list[dict[str, Any]]]) -> None:
 def plot_latency(series: dict[str, list[dict[str, Any]]], path: str,
                  mixed: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
     """Latency percentiles and throughput against request rate, one colour per system; with
-    `mixed`, a row for the mixed load: short requests' inter-token latency and TPOT, long
+    `mixed`, a row for the mixed load: short requests' inter-token latency and longest pause, long
     prompts' TTFT."""
     rows = 3 if mixed else 2
     fig, grid = plt.subplots(rows, 3, figsize=(15.6, 4.1 * rows + 0.6))
@@ -103,7 +104,7 @@ def plot_latency(series: dict[str, list[dict[str, Any]]], path: str,
     if mixed:
         for ax, (group, key, title) in zip(grid[2], (
             ("short", "itl_ms", "mixed load: inter-token latency, short requests"),
-            ("short", "tpot_ms", "mixed load: time per output token, short requests"),
+            ("short", "itl_worst_ms", "mixed load: longest pause of each short request"),
             ("long", "ttft_ms", "mixed load: time to first token, long prompts"),
         )):  # fmt: skip
             _mixed_panel(ax, mixed, group, key, title)
@@ -134,6 +135,12 @@ SWEEP_ROWS = (
       for key, name in (("ttft_ms", "TTFT"), ("itl_ms", "ITL"), ("tpot_ms", "TPOT"),
                         ("e2e_ms", "E2E")) for pct in ("mean", "p50", "p90", "p99")),
 )  # fmt: skip
+# The router's view (mean ms over the run): where the time to the first token went.
+SERVER_ROWS = tuple(
+    (f"router: {name} mean (ms)", lambda r, k=key: _cell(r.get("server_mean_ms", {}).get(k)))
+    for key, name in (("queue", "reservation"), ("prefill", "prefill (queue + compute)"),
+                      ("kv_transfer", "KV transfer"), ("first_decode_step", "first decode step"))
+)  # fmt: skip
 
 
 def _row(name: str, runs: list[dict[str, Any]], fmt) -> str:
@@ -153,7 +160,7 @@ def sweep_table(series: dict[str, list[dict[str, Any]]]) -> list[str]:
         ]
         lines += [f"**{rate} requests/s**", "", "| | " + " | ".join(labels) + " |",
                   "|---|" + "---:|" * len(labels)]  # fmt: skip
-        lines += [_row(name, runs, fmt) for name, fmt in SWEEP_ROWS] + [""]
+        lines += [_row(name, runs, fmt) for name, fmt in SWEEP_ROWS + SERVER_ROWS] + [""]
     return lines
 
 
@@ -163,13 +170,16 @@ def mixed_table(mixed: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     lines.append(_row("completed / sent", runs, None))
     lines.append(_row("output tokens/s", runs, lambda r: _cell(r["output_throughput"], 1)))
-    for group, key, name in (("short", "itl_ms", "short: ITL"), ("short", "tpot_ms", "short: TPOT"),
+    for group, key, name in (("short", "itl_ms", "short: ITL"),
+                             ("short", "itl_worst_ms", "short: longest pause per request"),
+                             ("short", "tpot_ms", "short: TPOT"),
                              ("short", "ttft_ms", "short: TTFT"), ("long", "ttft_ms", "long: TTFT"),
                              ("long", "e2e_ms", "long: E2E")):  # fmt: skip
-        for pct in ("p50", "p90", "p99"):
+        for pct in ("p50", "p90", "p99", "max"):
             cells = [_cell(r["groups"].get(group, {}).get(key, {}).get(pct)) for r in runs]
             lines.append(f"| {name} {pct} (ms) | " + " | ".join(cells) + " |")
     lines.append(_row("all: ITL p99 (ms)", runs, lambda r: _cell(r["itl_ms"]["p99"])))
+    lines += [_row(name, runs, fmt) for name, fmt in SERVER_ROWS]
     return lines + [""]
 
 

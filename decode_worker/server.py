@@ -21,7 +21,7 @@ from proto import control_pb2 as ctl
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
 from shared.config import ModelConfig
-from shared.kv_cache import OutOfPagesError
+from shared.kv_cache import OutOfPagesError, pages_needed
 from shared.kv_transfer import KVReceiver
 from shared.model.expert_parallel import (
     EPContext,
@@ -55,6 +55,12 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             stop_token_ids=frozenset(params.stop_token_ids),
             page_table=[],
         )
+        allocator, page_size = self.engine.runner.allocator, self.engine.runner.page_size
+        need = pages_needed(len(req.prompt_ids) + 1, page_size)
+        if need > allocator.num_pages:  # can never fit: an error now, not a wait
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the prompt of {len(req.prompt_ids)} tokens needs {need} KV pages; "
+                          f"a decode worker holds {allocator.num_pages}")  # fmt: skip
         try:
             pages = self.engine.reserve(req)
         except OutOfPagesError as exc:

@@ -98,32 +98,38 @@ def test_k49_clients_that_disconnect_free_every_page(stack):
 
 def test_k48_decode_lost_mid_stream_fails_fast_and_recovers(stack):
     errors: list[str] = []
+    started_streams = threading.Semaphore(0)
 
     def stream_long() -> None:
         try:
-            for _ in _chat(_client(stack), max_tokens=CONTEXT - 60, stream=True):
-                pass
+            for i, _ in enumerate(_chat(_client(stack), max_tokens=CONTEXT - 60, stream=True)):
+                if i == 1:
+                    started_streams.release()  # tokens are flowing
         except openai.APIError as exc:
             errors.append(str(exc))
 
     threads = [threading.Thread(target=stream_long) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.5)  # streams are running
-    stack.kill("decode-0")
-    for thread in threads:
-        thread.join(30)
-    assert len(errors) == 3 and all("fail" in e.lower() for e in errors), errors
+    try:
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            assert started_streams.acquire(timeout=60)
+        stack.kill("decode-0")
+        for thread in threads:
+            thread.join(30)
+        assert len(errors) == 3 and all("fail" in e.lower() for e in errors), errors
 
-    for _ in range(20):  # no decode worker: each request fails fast, as retryable
-        started = time.monotonic()
-        with pytest.raises(openai.APIStatusError) as err:
-            _chat(_client(stack), max_tokens=4)
-        assert err.value.status_code == 503 and time.monotonic() - started < 5.0
-        assert err.value.response.headers.get("retry-after")
-    prefill = _status(stack, "prefill-0")
-    assert prefill.num_free_pages == prefill.num_total_pages
-    stack.restart("decode-0")  # the prefill worker keeps running
+        for _ in range(20):  # no decode worker: each request fails fast, as retryable
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as err:
+                _chat(_client(stack), max_tokens=4)
+            assert err.value.status_code == 503 and time.monotonic() - started < 5.0
+            assert err.value.response.headers.get("retry-after")
+        prefill = _status(stack, "prefill-0")
+        assert prefill.num_free_pages == prefill.num_total_pages
+    finally:
+        if stack.child("decode-0").poll() is not None:
+            stack.restart("decode-0")  # the prefill worker keeps running
     _until_served(stack)
     _assert_pages_back(stack)
 
