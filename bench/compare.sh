@@ -4,6 +4,10 @@
 # worker processes, 2 colocated workers; one stack after the other, on the same machine and
 # checkpoint, each behind its own gateway and router on free 127.0.0.1 ports.
 #
+# Each design gets the same CPUs: with THREADS=split (the default) every worker process runs
+# CORES / (its stack's worker processes) torch threads (OMP_NUM_THREADS), as each would own its
+# GPU; THREADS=default leaves torch's default (every process uses every core).
+#
 # For each stack: a request-rate sweep of uniform prompts (bench/serve.py), then a mixed load
 # where 30 % of the prompts are long (2,048 tokens). Writes bench/results/serve_<mode>.json,
 # serve_<mode>_mixed.json, serve.md (side by side) and serve.png. See docs/bench.md.
@@ -23,6 +27,8 @@ NUM_PROMPTS=${NUM_PROMPTS:-60}
 MIXED_RATE=${MIXED_RATE:-1.5}
 MIXED_PROMPTS=${MIXED_PROMPTS:-60}
 SLO=(--slo-ttft-ms "${SLO_TTFT_MS:-1000}" --slo-tpot-ms "${SLO_TPOT_MS:-50}")
+THREADS=${THREADS:-split}
+CORES=${CORES:-$(nproc)}
 LOGS=$(mktemp -d /tmp/kimiserve-compare.XXXXXX)
 
 "$PY" -c 'import matplotlib, openai' || {
@@ -45,6 +51,12 @@ pool_flags() {
   esac
 }
 
+threads_of() {  # torch threads per worker process of MODE's stack
+  local processes=2
+  [ "$1" = colocated ] && processes=1
+  echo $((CORES / processes > 0 ? CORES / processes : 1))
+}
+
 stack_pid=""
 stop_stack() {  # Ctrl-C to the launcher stops every process of the stack
   [ -n "$stack_pid" ] || return 0
@@ -60,10 +72,11 @@ stop_stack() {  # Ctrl-C to the launcher stops every process of the stack
 trap stop_stack EXIT
 
 start_stack() {  # MODE PORT: starts the stack and waits (at most 5 minutes) until it serves
-  local url="http://127.0.0.1:$2" flags
+  local url="http://127.0.0.1:$2" flags threads=()
   read -r -a flags <<<"$(pool_flags "$1")"
-  "$KIMISERVE" up --model-path "$MODEL" --port "$2" --control-port "$(free_port)" \
-    "${flags[@]}" >"$LOGS/$1.log" 2>&1 &
+  [ "$THREADS" = split ] && threads=("OMP_NUM_THREADS=$(threads_of "$1")")
+  env "${threads[@]}" "$KIMISERVE" up --model-path "$MODEL" --port "$2" \
+    --control-port "$(free_port)" "${flags[@]}" >"$LOGS/$1.log" 2>&1 &
   stack_pid=$!
   for _ in $(seq 1 300); do
     curl -sf "$url/health/ready" >/dev/null && return 0
@@ -81,7 +94,9 @@ for mode in $MODES; do
   port=$(free_port)
   start_stack "$mode" "$port"
   echo "== $mode stack up on port $port at $((SECONDS - started)) s"
-  common=(--base-url "http://127.0.0.1:$port" --label "$mode" "${SLO[@]}")
+  notes="$(pool_flags "$mode"), torch threads per worker: $([ "$THREADS" = split ] &&
+    threads_of "$mode" || echo default)"
+  common=(--base-url "http://127.0.0.1:$port" --label "$mode" --notes "$notes" "${SLO[@]}")
   "$PY" -m bench.serve "${common[@]}" --request-rates "$RATES" --num-prompts "$NUM_PROMPTS" \
     --input-len 128 --output-len 32 --out "$OUT/serve_$mode.json"
   "$PY" -m bench.serve "${common[@]}" --request-rates "$MIXED_RATE" \

@@ -17,8 +17,9 @@ arrivals with a fixed seed; `inf` sends them all at once), optionally capped at
 Per request: TTFT (send to the first chunk with text), inter-token latencies (gaps between
 chunks with text), TPOT ((end-to-end - TTFT) / (output tokens - 1), tokens from `usage`) and
 end-to-end latency. Per rate: throughput (requests/s, input and output tokens/s), those
-latencies' mean, p50, p90 and p99, overall and per group, and goodput (requests per second that
-met every SLO given with `--slo-*`). The JSON layout is documented in `docs/bench.md`.
+latencies' mean, p50, p90, p99 and max, overall and per group, each request's longest pause, and
+goodput (requests per second that met every SLO given with `--slo-*`); beside them the router's
+own mean TTFT parts over the run, read from `/metrics`. The JSON layout is in `docs/bench.md`.
 
     python -m bench.serve --base-url http://127.0.0.1:30000 --request-rates 0.5,1,2 \
         --num-prompts 40 --label disaggregated --out bench/results/serve_disagg.json --plot x.png
@@ -279,6 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--model", default="moonshotai/Kimi-K2.5")
     add("--api-key", default="unused")
     add("--label", default="", help="names this system in reports (e.g. disaggregated)")
+    add("--notes", default="", help="free text kept in the JSON (how the stack was started)")
     add("--dataset", choices=("random", "jsonl", "image"), default="random")
     add("--dataset-path", default="", help="the JSONL file of --dataset jsonl")
     add("--num-prompts", type=int, default=40, help="requests per rate")
@@ -359,6 +361,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "label": args.label,
+        "notes": args.notes,
         "base_url": args.base_url,
         "model": args.model,
         "dataset": dataset,

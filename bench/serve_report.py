@@ -35,6 +35,14 @@ def _rate(run: dict[str, Any]) -> float:
     return run["request_throughput"] if rate == "inf" else rate
 
 
+def _plain_log_ticks(axis) -> None:
+    """Ticks at 1, 2, 5 x 10^k written as plain numbers (no minor labels)."""
+    if axis.axis_name == "y":
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _sweep_panels(axes, series: dict[str, list[dict[str, Any]]]) -> None:
     for ax, (key, title) in zip(axes, METRICS):
         for color, (label, runs) in zip(COLORS, series.items()):
@@ -49,10 +57,8 @@ def _sweep_panels(axes, series: dict[str, list[dict[str, Any]]]) -> None:
         ax.set_ylabel("ms (log scale)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            axis.set_minor_formatter(ticker.NullFormatter())
+        _plain_log_ticks(ax.xaxis)
+        _plain_log_ticks(ax.yaxis)
         ax.grid(True, which="major", alpha=0.4)
 
 
@@ -68,6 +74,10 @@ def _mixed_panel(ax, mixed: dict[str, dict[str, Any]], group: str, key: str, tit
     ax.set_xticks([j + width * (len(mixed) - 1) / 2 for j in range(len(BARS))], list(BARS))
     ax.set_title(title)
     ax.set_ylabel("ms")
+    if key.startswith("itl"):  # p50 and max are orders of magnitude apart
+        ax.set_ylabel("ms (log scale)")
+        ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
     ax.legend(fontsize=7)
 
 
@@ -199,8 +209,9 @@ def markdown(series: dict[str, list[dict[str, Any]]], mixed: dict[str, dict[str,
              "Written by `bench/compare.sh` (`bench/serve.py`, `bench/serve_report.py`); "
              "`docs/bench.md` explains the setup and how to read it.", ""]  # fmt: skip
     for name, result in results.items():
-        env = result["environment"]
-        lines.append(f"- `{name}`: {_workload(result)}; {env['num_cpus']} CPUs, load average "
+        env, notes = result["environment"], result.get("notes")
+        lines.append(f"- `{name}`: {notes + '; ' if notes else ''}{_workload(result)}; "
+                     f"{env['num_cpus']} CPUs, load average "
                      f"{env['load_average_before'][0]:.1f} before, "
                      f"{env['load_average_after'][0]:.1f} after")  # fmt: skip
     lines += ["", f"![latency against request rate]({Path(plot).name})", "",
