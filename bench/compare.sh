@@ -12,7 +12,7 @@
 # where 30 % of the prompts are long (2,048 tokens). Writes bench/results/serve_<mode>.json,
 # serve_<mode>_mixed.json, serve.md (side by side) and serve.png. See docs/bench.md.
 #
-#   bench/compare.sh                                          # about 13 minutes on 2 CPU cores
+#   bench/compare.sh                                          # about 11 minutes on 2 CPU cores
 #   MODES="disaggregated colocated" RATES=1 NUM_PROMPTS=6 MIXED_PROMPTS=6 bench/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
