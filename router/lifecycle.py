@@ -73,18 +73,26 @@ async def run_sample(
     prefill = prefill_pool.pick(prompt_ids, exclude)
     if prefill is None:
         raise SampleError("no prefill worker is available; retry later", 503, 1)
+    # Counted from the pick on, so that a burst whose reservations are still pending spreads.
+    prefill.num_inflight += 1
     decode_req = pb.DecodeRequest(
         request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling
     )
     timer = metrics.SampleTimer(len(prompt_ids))
-    decode, stream, first = await _reserve(decode_pool, decode_req, exclude)
+    try:
+        decode, stream, first = await _reserve(decode_pool, decode_req, exclude)
+    except BaseException:
+        _release(prefill)
+        raise
     timer.reserved()
     colocated = prefill_pool.get(decode.worker_id)  # prefills into its own pages: no transfer
-    if colocated is not None and colocated.state == "ready":
+    if colocated is not None and colocated.state == "ready" and colocated is not prefill:
+        _release(prefill)
         prefill = colocated
+        prefill.num_inflight += 1
     prefill_call = None
+    decode.num_inflight += 1
     for worker in (decode, prefill):
-        worker.num_inflight += 1
         worker.num_served += 1
     try:
         prefill_req = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 import time
 from collections import OrderedDict
 
@@ -156,9 +157,14 @@ class Pool:
         return self._least_loaded(ready)
 
     def _least_loaded(self, ready: list[Worker]) -> Worker:
-        def cost(w: Worker) -> tuple[int, float, int]:
+        def cost(w: Worker) -> tuple[int, int, int]:
+            # The router's own count is current; the heartbeat's may be a second old, so it only
+            # wins when the worker has more work than this router gave it (another router, say).
+            queued = max(w.num_inflight, w.load.num_running + w.load.num_waiting)
+            # Free pages in eighths: a stale heartbeat taken mid-request must not outweigh the
+            # tie-break on requests served, or a burst piles onto whichever worker reported last.
             free = w.load.num_free_pages / w.load.num_total_pages if w.load.num_total_pages else 1
-            return (w.num_inflight + w.load.num_waiting, -free, w.num_served)
+            return (queued, -math.ceil(free * 8), w.num_served)
 
         return min(ready, key=cost)
 

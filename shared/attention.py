@@ -72,6 +72,8 @@ class TorchAttentionBackend:
     `QUERY_BLOCK` queries that each stop at their own last key.
     """
 
+    QUERY_BLOCK = 128  # prefill queries per attention block
+
     def __init__(self, cache: KVCache, softmax_scale: float) -> None:
         self.cache = cache
         self.scale = softmax_scale
@@ -121,8 +123,6 @@ class TorchAttentionBackend:
                 out[start + first : start + last] = block.to(out.dtype)
             start += q_len
         return out
-
-    QUERY_BLOCK = 128
 
     def _causal(
         self, ql: torch.Tensor, qp: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor
