@@ -191,7 +191,7 @@ class RouterServicer(pb_grpc.RouterServicer):
             text = request.prompt
         else:
             raise InvalidRequest("either messages or prompt is required", "messages")
-        ids = self.tokenizer.encode(text)
+        ids = self.prompts.encode(text, "messages" if request.messages else "prompt")
         response = pb.TokenizeResponse(tokens=ids, max_model_len=self.context_length, text=text)
         if request.return_token_strs:
             response.token_strs.extend(

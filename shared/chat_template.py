@@ -94,7 +94,9 @@ def tools_typescript(tools: list[dict] | None) -> str | None:
     try:
         return encode_tools_to_typescript(tools)
     except Exception as exc:  # Kimi's tokenizer falls back on any encoder error, too
-        logger.warning("tool declaration falls back to JSON: %s", exc)
+        # Debug, and cut short: the client chooses the schema, so it must not choose the volume
+        # of the operator's log.
+        logger.debug("tool declaration falls back to JSON: %.200s", exc)
         return None
 
 

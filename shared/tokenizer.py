@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -74,21 +76,20 @@ def split_long_input(text: str) -> Iterator[str]:
 
 
 def _split_runs(text: str, max_run: int) -> Iterator[str]:
+    """Cuts every maximal run of whitespace or of non-whitespace longer than `max_run` after each
+    `max_run` characters. A run can only match from its first character (the look-behinds), so
+    the scan is linear; `\\s` and `str.isspace` share CPython's definition of whitespace."""
     piece_start = 0
-    run_len = 0
-    run_is_space = text[0].isspace() if text else False
-    for i, char in enumerate(text):
-        is_space = char.isspace()
-        if is_space != run_is_space:
-            run_is_space = is_space
-            run_len = 1
-            continue
-        run_len += 1
-        if run_len > max_run:
-            yield text[piece_start:i]
-            piece_start = i
-            run_len = 1
+    for run in _long_runs(max_run).finditer(text):
+        for cut in range(run.start() + max_run, run.end(), max_run):
+            yield text[piece_start:cut]
+            piece_start = cut
     yield text[piece_start:]
+
+
+@functools.cache
+def _long_runs(max_run: int) -> re.Pattern:
+    return re.compile(rf"(?<!\s)\s{{{max_run + 1},}}|(?<!\S)\S{{{max_run + 1},}}")
 
 
 class KimiTokenizer:

@@ -99,7 +99,7 @@ def _base(kind: str, schema: dict, constraint_type: str = "", **kw: Any) -> _Nod
 def _parse(schema: dict | bool, defs: _Defs) -> _Node:
     if isinstance(schema, bool):
         if not schema:
-            logger.warning("schema `false` is not supported; rendered as null")
+            logger.debug("schema `false` is not supported; rendered as null")
         return _Node("scalar", name="any" if schema else "null")
     if "$ref" in schema:
         return _base("ref", schema, name=defs.resolve(schema["$ref"]))

@@ -318,3 +318,15 @@ def test_detokenize_round_trip_and_bad_ids(stack):
     assert back.json() == {"prompt": text}
     bad = httpx.post(f"{stack.base_url}/detokenize", json={"tokens": [1, 10**6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_tokenize_stops_at_the_context_length(stack):
+    """A 3 MB prompt is refused once its ids reach the context length, not tokenized whole."""
+    answer = httpx.post(f"{stack.base_url}/tokenize", json={"prompt": "hello " * 500_000},
+                        timeout=30)  # fmt: skip
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "prompt"
+    assert "maximum context length is" in error["message"]
+    ok = httpx.post(f"{stack.base_url}/tokenize", json={"prompt": "hello"}).json()
+    assert ok["count"] == len(ok["tokens"]) > 0

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import random
+import time
 
 import pytest
 import regex
@@ -132,6 +133,37 @@ def test_split_runs_follows_kimi_cut_points():
     # A change between whitespace and non-whitespace restarts the count without cutting.
     assert list(_split_runs("abc  defg", 3)) == ["abc  def", "g"]
     assert list(_split_runs("ab cd", 3)) == ["ab cd"]
+
+
+def _split_runs_by_walking(text: str, max_run: int) -> list[str]:
+    """Kimi's own cut rule, one character at a time: the reference for `_split_runs`."""
+    pieces, piece_start, run_len = [], 0, 0
+    run_is_space = text[0].isspace() if text else False
+    for i, char in enumerate(text):
+        if char.isspace() != run_is_space:
+            run_is_space, run_len = char.isspace(), 1
+            continue
+        run_len += 1
+        if run_len > max_run:
+            pieces.append(text[piece_start:i])
+            piece_start, run_len = i, 1
+    return pieces + [text[piece_start:]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab \t\n\u00a0\u2003\u3000\x1c\u200b\u0085", max_size=60),
+       st.integers(1, 6))  # fmt: skip
+def test_split_runs_equals_the_character_walk(text, max_run):
+    assert list(_split_runs(text, max_run)) == _split_runs_by_walking(text, max_run)
+
+
+def test_split_runs_is_linear_on_long_runs():
+    text = ("x" * 24_000 + " ") * 200 + "y" * 60_000  # runs just under and over the limit
+    started = time.perf_counter()
+    pieces = list(_split_runs(text, 25_000))
+    assert time.perf_counter() - started < 1.0
+    assert [len(p) for p in pieces[1:]] == [25_000, 10_000]  # only the last run is cut
+    assert "".join(pieces) == text
 
 
 def test_long_input_is_encoded_in_pieces(tiny_tokenizer, monkeypatch):
