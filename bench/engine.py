@@ -18,7 +18,8 @@ medians. The tokens of every prompt are compared between the two sides. KV bytes
 is `KVCache.bytes_per_token()`; transformers' is what its `DynamicCache` holds after a
 generation divided by the number of tokens in it.
 
-    python -m bench.engine [--sizes tiny,bench] [--runs 3] [--threads 2]
+    python -m bench.engine [--sizes tiny,bench] [--runs 3] [--threads 2] [--device cuda]
+        [--num-prompts 32] [--output-len 128] [--out bench/results/engine.json]
 
 Prints a table and writes `bench/results/engine.json`. Needs `transformers` (a test
 dependency). Peak memory is about 2 GB; the default run takes a few minutes on 2 cores.
@@ -55,10 +56,10 @@ PAGE_SIZE = 16
 RESULTS = Path(__file__).parent / "results" / "engine.json"
 
 
-def make_prompts(seed: int = 0) -> list[list[int]]:
+def make_prompts(seed: int = 0, num_prompts: int = NUM_PROMPTS) -> list[list[int]]:
     """Random plain-token prompts (no special ids), lengths uniform in [64, 512]."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(MIN_PROMPT, MAX_PROMPT + 1, (NUM_PROMPTS,), generator=gen).tolist()
+    lengths = torch.randint(MIN_PROMPT, MAX_PROMPT + 1, (num_prompts,), generator=gen).tolist()
     return [torch.randint(0, NUM_BASE_TOKENS, (n,), generator=gen).tolist() for n in lengths]
 
 
@@ -76,14 +77,14 @@ class Clock:
 
 
 def ours_generate(
-    model: KimiTextModel, prompts: list[list[int]], num_output: int
+    model: KimiTextModel, prompts: list[list[int]], num_output: int, device: str = "cpu"
 ) -> tuple[list[list[int]], tuple[float, float], int]:
     """All prompts through fresh engines; returns tokens, (wall, CPU) seconds and KV bytes per
     token."""
     max_tokens = max(len(p) for p in prompts) + num_output
     num_pages = len(prompts) * -(-max_tokens // PAGE_SIZE) + 8
-    prefill = PrefillEngine(ModelRunner(model, num_pages, PAGE_SIZE))
-    decode = DecodeEngine(ModelRunner(model, num_pages, PAGE_SIZE))
+    prefill = PrefillEngine(ModelRunner(model, num_pages, PAGE_SIZE, device))
+    decode = DecodeEngine(ModelRunner(model, num_pages, PAGE_SIZE, device))
     driver = ColocatedDriver(prefill, decode)
     greedy = SamplingConfig(temperature=0.0)
     requests = [
@@ -110,7 +111,7 @@ def load_transformers(model_dir: Path, work_dir: Path) -> Any:
 
     hf_dir = translate_checkpoint(model_dir, work_dir)
     model = Kimi_K25ForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32)
-    model.generation_config.eos_token_id = None  # no stop token: always NUM_OUTPUT tokens
+    model.generation_config.eos_token_id = None  # no stop token: always max_new_tokens tokens
     model.generation_config.pad_token_id = model.config.pad_token_id
     # Without images, transformers embeds the media placeholder as token 0; random weights
     # generate the placeholder now and then, and we (rightly) embed it as itself. No prompt
@@ -128,7 +129,7 @@ def transformers_generate(
     outputs, kv_bytes_per_token = [], 0.0
     clock = Clock()
     for prompt in prompts:
-        input_ids = torch.tensor([prompt], dtype=torch.long)
+        input_ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
         result = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -152,23 +153,30 @@ def cache_bytes_per_token(cache: Any) -> float:
 # ---------------------------------------------------------------- driver
 
 
-def bench_checkpoint(size: str, root: Path, prompts: list[list[int]], runs: int) -> dict:
+def bench_checkpoint(
+    size: str,
+    root: Path,
+    prompts: list[list[int]],
+    runs: int,
+    device: str = "cpu",
+    num_output: int = NUM_OUTPUT,
+) -> dict:
     model_dir = make_tiny_checkpoint(root / size, seed=0, size=size)
-    ours_model = load_text_model(model_dir, dtype=torch.float32)
+    ours_model = load_text_model(model_dir, dtype=torch.float32, device=device)
     text = ours_model.config
-    hf_model = load_transformers(model_dir, root / f"{size}-hf")
+    hf_model = load_transformers(model_dir, root / f"{size}-hf").to(device)
     warm = [prompts[0][:MIN_PROMPT]]
-    ours_generate(ours_model, warm, 4)
+    ours_generate(ours_model, warm, 4, device)
     transformers_generate(hf_model, warm, 4)
 
     ours_runs, hf_runs = [], []  # (wall, CPU) seconds per run
     ours_tokens = hf_tokens = None
     for _ in range(runs):
-        tokens, seconds, ours_kv = ours_generate(ours_model, prompts, NUM_OUTPUT)
+        tokens, seconds, ours_kv = ours_generate(ours_model, prompts, num_output, device)
         assert ours_tokens in (None, tokens), "our tokens changed between runs"
         ours_tokens = tokens
         ours_runs.append(seconds)
-        tokens, seconds, hf_kv = transformers_generate(hf_model, prompts, NUM_OUTPUT)
+        tokens, seconds, hf_kv = transformers_generate(hf_model, prompts, num_output)
         assert hf_tokens in (None, tokens), "transformers' tokens changed between runs"
         hf_tokens = tokens
         hf_runs.append(seconds)
@@ -178,7 +186,11 @@ def bench_checkpoint(size: str, root: Path, prompts: list[list[int]], runs: int)
     assert ours_kv == expected_kv, (ours_kv, expected_kv)
 
     same = [a == b for a, b in zip(ours_tokens, hf_tokens)]
-    ours_median, hf_median = _median_rate(ours_runs, 0), _median_rate(hf_runs, 0)
+    num_tokens = len(prompts) * num_output
+    ours_median, hf_median = (
+        _median_rate(ours_runs, 0, num_tokens),
+        _median_rate(hf_runs, 0, num_tokens),
+    )
     return {
         "config": {
             key: getattr(text, key)
@@ -200,8 +212,8 @@ def bench_checkpoint(size: str, root: Path, prompts: list[list[int]], runs: int)
         "transformers_tokens_per_s": hf_median,
         "ratio": ours_median / hf_median,
         # Output tokens per CPU-second of this process: less sensitive to other load.
-        "ours_tokens_per_cpu_s": _median_rate(ours_runs, 1),
-        "transformers_tokens_per_cpu_s": _median_rate(hf_runs, 1),
+        "ours_tokens_per_cpu_s": _median_rate(ours_runs, 1, num_tokens),
+        "transformers_tokens_per_cpu_s": _median_rate(hf_runs, 1, num_tokens),
         "ours_runs_wall_cpu_s": ours_runs,
         "transformers_runs_wall_cpu_s": hf_runs,
         "tokens_identical": all(same),
@@ -215,8 +227,8 @@ def bench_checkpoint(size: str, root: Path, prompts: list[list[int]], runs: int)
     }
 
 
-def _median_rate(runs: list[tuple[float, float]], which: int) -> float:
-    return NUM_PROMPTS * NUM_OUTPUT / statistics.median(run[which] for run in runs)
+def _median_rate(runs: list[tuple[float, float]], which: int, num_tokens: int) -> float:
+    return num_tokens / statistics.median(run[which] for run in runs)
 
 
 def _first_difference(ours: list[list[int]], theirs: list[list[int]]) -> dict | None:
@@ -233,7 +245,7 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def print_table(results: dict[str, dict]) -> None:
+def print_table(results: dict[str, dict], num_prompts: int, num_output: int) -> None:
     columns = [("checkpoint", 11), ("ours tok/s", 11), ("HF tok/s", 10), ("ratio", 7),
                ("ratio/CPU-s", 12), ("identical", 10), ("KV B/tok ours", 14), ("HF", 7)]  # fmt: skip
     header = "".join(f"{name:>{width}}" for name, width in columns)
@@ -246,7 +258,7 @@ def print_table(results: dict[str, dict]) -> None:
                  f"{r['ratio']:.1f}x", f"{cpu_ratio:.1f}x", str(r["tokens_identical"]),
                  f"{kv['ours']:,}", f"{kv['transformers']:,.0f}"]  # fmt: skip
         print("".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, columns)))
-    print(f"\nmedians; {NUM_PROMPTS} prompts of {MIN_PROMPT}-{MAX_PROMPT} tokens, {NUM_OUTPUT} "
+    print(f"\nmedians; {num_prompts} prompts of {MIN_PROMPT}-{MAX_PROMPT} tokens, {num_output} "
           "greedy tokens each, float32; transformers: generate() one prompt at a time")  # fmt: skip
 
 
@@ -255,22 +267,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="tiny,bench")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    # "cuda": both sides on the GPU, still float32 (so our attention runs the PyTorch backend:
+    # FlashInfer needs bf16); bench/gpu_check.sh runs it so, into its own results folder.
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--num-prompts", type=int, default=NUM_PROMPTS)  # smaller: dry runs
+    parser.add_argument("--output-len", type=int, default=NUM_OUTPUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    prompts = make_prompts()
+    prompts = make_prompts(num_prompts=args.num_prompts)
     load_before = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory(prefix="kimiserve-bench-") as root:
         for size in args.sizes.split(","):
-            results[size] = bench_checkpoint(size, Path(root), prompts, args.runs)
-    print_table(results)
+            results[size] = bench_checkpoint(
+                size, Path(root), prompts, args.runs, args.device, args.output_len
+            )
+    print_table(results, args.num_prompts, args.output_len)
+    gpu_name = torch.cuda.get_device_name(args.device) if args.device != "cpu" else None
     report = {
         "workload": {
-            "num_prompts": NUM_PROMPTS,
+            "num_prompts": args.num_prompts,
             "prompt_tokens": [MIN_PROMPT, MAX_PROMPT],
             "total_prompt_tokens": sum(len(p) for p in prompts),
-            "output_tokens_each": NUM_OUTPUT,
+            "output_tokens_each": args.output_len,
             "dtype": "float32",
             "runs": args.runs,
             "transformers": "generate(do_sample=False), one prompt at a time",
@@ -279,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
             "cpu": platform.processor() or platform.machine(),
             "num_cpus": os.cpu_count(),
             "torch_threads": args.threads,
+            "device": args.device,
+            "gpu": gpu_name,
             "torch": torch.__version__,
             "transformers": _transformers_version(),
             "load_average_before": load_before,
@@ -286,9 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         },
         "checkpoints": results,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

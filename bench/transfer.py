@@ -7,21 +7,22 @@ arrived; the socket baseline moves the same bytes with `sendall`/`recv_into` and
 acknowledgement. Measurements of the baseline and of every variant are interleaved, so all see
 the same machine load.
 
-Variants differ only on the decode side:
-- `as_wired`: `write_pages` = `KVCache.scatter`, without `page_size` (one write at the end);
-- `pipelined`: the same with `page_size` given, so chunks are written while the next arrives:
-  this is how `decode_worker/server.py` builds its receiver, the product figure;
-- `page_copy`: pipelined, with the bench's own copy per page (now what `KVCache.scatter` does
-  on CPU, kept as a cross-check);
-- `no_write`: pipelined, `write_pages` does nothing: the transport alone.
+Variants differ only in the request's page table (the sender is told it, as the prefill worker
+is told the decode worker's `TransferDescriptor`):
+- `direct`: the pages a `PageAllocator` hands out, one run of consecutive ids (its first fit
+  keeps a big free run even under churn), so every piece is received straight into the cache:
+  the product figure;
+- `fragmented`: the same pages shuffled, no two neighbours consecutive, so every piece goes
+  through staging and `KVCache.scatter`: the product's fallback;
+- `no_write`: fragmented, with the scatter skipped: the transport alone.
 
-KV layout is Kimi-K2.5's: 61 layers x (512 + 64) bf16 values per token, 70,272 bytes per token.
-Pages come in a shuffled order, as in a worker whose cache has churned.
+KV layout is Kimi-K2.5's: 61 layers x (512 + 64) bf16 values per token, 70,272 bytes per token,
+held by the sender as ckv [L, S, 512] and kpe [L, S, 64], as the prefill engine gathers them.
 
     python -m bench.transfer [--sizes 1024,8192,32768] [--runs 3] [--repeats 3]
 
 Prints a table per run and their medians, and writes `bench/results/transfer.json` (medians
-first, then every run). Peak memory is about four copies of the
+first, then every run). Peak memory is about three copies of the
 largest size (32K tokens: 2.3 GB each).
 """
 
@@ -31,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
-import random
 import socket
 import statistics
 import struct
@@ -43,7 +43,7 @@ import torch
 
 from shared.checkpoint import TEXT_CONFIG
 from shared.config import ModelConfig, TextConfig
-from shared.kv_cache import KVCache, pages_needed
+from shared.kv_cache import KVCache, PageAllocator, pages_needed
 from shared.kv_transfer import CHUNK_BYTES, KVReceiver, KVSender
 from shared.messages import KVPushMsg
 
@@ -53,7 +53,7 @@ DTYPE = torch.bfloat16
 PAGE_SIZE = 16
 HOST = "127.0.0.1"
 TIMEOUT = 120.0
-VARIANTS = ("pipelined", "no_write")  # see the docstring for the others
+VARIANTS = ("direct", "fragmented", "no_write")
 RESULTS = Path(__file__).parent / "results" / "transfer.json"
 
 
@@ -71,22 +71,24 @@ def bytes_per_token() -> int:
 # ---------------------------------------------------------------- decode side (child process)
 
 
-def _page_copy(cache: KVCache, pages: list[int], kv: torch.Tensor) -> None:
-    """Writes kv [L, T, r+R] page by page: two strided copies per page, no index kernels."""
-    ckv, kpe = kv.split([KV_LORA_RANK, ROPE_DIM], -1)
-    for i, page in enumerate(pages):
-        start = i * cache.page_size
-        end = min(start + cache.page_size, kv.shape[1])
-        cache.ckv[:, page, : end - start].copy_(ckv[:, start:end])
-        cache.kpe[:, page, : end - start].copy_(kpe[:, start:end])
+def page_table(variant: str, num_tokens: int) -> list[int]:
+    """The request's page table in `variant`; the same in both processes."""
+    pages = PageAllocator(pages_needed(num_tokens, PAGE_SIZE)).allocate(
+        pages_needed(num_tokens, PAGE_SIZE)
+    )
+    if variant == "direct":
+        return pages
+    return pages[::2] + pages[1::2]
 
 
-def _writer(variant: str, cache: KVCache):
-    if variant in ("as_wired", "pipelined"):  # decode_worker/server.py's write_pages
-        return lambda pages, kv: cache.scatter(pages, *kv.split([KV_LORA_RANK, ROPE_DIM], -1))
-    if variant == "page_copy":
-        return lambda pages, kv: _page_copy(cache, pages, kv)
-    return lambda pages, kv: None
+class _NoWriteCache(KVCache):
+    """The cache's tensors without `scatter`: staged pieces are received and dropped."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.__dict__.update(cache.__dict__)
+
+    def scatter(self, page_ids: list[int], ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        pass
 
 
 def _socket_server(listener: socket.socket, max_bytes: int) -> None:
@@ -108,25 +110,20 @@ def _socket_server(listener: socket.socket, max_bytes: int) -> None:
 
 def _decode_side(conn, max_tokens: int, variants: list[str]) -> None:
     torch.set_num_threads(1)
-    num_pages = pages_needed(max_tokens, PAGE_SIZE)
-    cache = KVCache(latent_config(), num_pages, PAGE_SIZE, DTYPE, "cpu")
-    page_ids = list(range(num_pages))
-    random.Random(0).shuffle(page_ids)
+    cache = KVCache(latent_config(), pages_needed(max_tokens, PAGE_SIZE), PAGE_SIZE, DTYPE, "cpu")
 
-    def resolve(request_id: str) -> list[int]:  # ids end in the token count
-        return page_ids[: pages_needed(int(request_id.rsplit("-", 1)[1]), PAGE_SIZE)]
+    def resolve(request_id: str) -> list[int]:  # ids end in the variant and the token count
+        variant, num_tokens = request_id.rsplit("-", 2)[1:]
+        return page_table(variant, int(num_tokens))
 
     addresses, receivers = {}, []
     for variant in variants:
         receiver = KVReceiver(
             host=HOST,
-            write_pages=_writer(variant, cache),
+            cache=_NoWriteCache(cache) if variant == "no_write" else cache,
             resolve=resolve,
             on_done=lambda request_id, push, error: None,
-            kv_shape=(NUM_LAYERS, WIDTH),
-            dtype=DTYPE,
             timeout=TIMEOUT,
-            page_size=None if variant == "as_wired" else PAGE_SIZE,
         )
         receivers.append(receiver)
         addresses[variant] = (receiver.rendezvous_address, receiver.control_address)
@@ -149,9 +146,11 @@ class Bench:
         self.sender = KVSender("bench-prefill", TIMEOUT)
         self.sock = socket.create_connection((HOST, sock_port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # One flat buffer; each size is a contiguous prefix viewed as [L, S, r+R].
-        self.flat = torch.empty(NUM_LAYERS * max_tokens * WIDTH, dtype=DTYPE)
-        self.flat.view(torch.int16).random_(-(2**15), 2**15 - 1)
+        # One flat buffer per tensor; each size is a contiguous prefix viewed as [L, S, *].
+        self.flats = [torch.empty(NUM_LAYERS * max_tokens * width, dtype=DTYPE)
+                      for width in (KV_LORA_RANK, ROPE_DIM)]  # fmt: skip
+        for flat in self.flats:
+            flat.view(torch.int16).random_(-(2**15), 2**15 - 1)
         self.num_sent = 0
 
     def cpu_seconds(self) -> float:
@@ -159,25 +158,29 @@ class Bench:
         self.conn.send("cpu")
         return time.process_time() + self.conn.recv()
 
-    def kv(self, num_tokens: int) -> torch.Tensor:
-        return self.flat[: NUM_LAYERS * num_tokens * WIDTH].view(NUM_LAYERS, num_tokens, WIDTH)
+    def kv(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ckv [L, S, r] and kpe [L, S, R]."""
+        return tuple(flat[: NUM_LAYERS * num_tokens * width].view(NUM_LAYERS, num_tokens, width)
+                     for flat, width in zip(self.flats, (KV_LORA_RANK, ROPE_DIM)))  # fmt: skip
 
     def product(self, variant: str, num_tokens: int) -> float:
         """Seconds from `send` until acknowledged."""
         self.num_sent += 1
-        push = KVPushMsg(pair_id="", request_id=f"bench-{self.num_sent}-{num_tokens}",
+        push = KVPushMsg(pair_id="", request_id=f"bench-{self.num_sent}-{variant}-{num_tokens}",
                          num_tokens=num_tokens, tag=0, first_token=1, first_logprob=0.0)  # fmt: skip
+        pages = page_table(variant, num_tokens)
         started = time.perf_counter()
-        self.sender.send(*self.addresses[variant], push, self.kv(num_tokens))
+        self.sender.send(*self.addresses[variant], push, *self.kv(num_tokens), pages, PAGE_SIZE)
         return time.perf_counter() - started
 
     def raw_socket(self, num_tokens: int) -> float:
         """Seconds to move the same bytes over plain TCP and read a one-byte ack."""
-        payload = memoryview(self.kv(num_tokens).view(torch.uint8).numpy()).cast("B")
+        payloads = [memoryview(t.view(torch.uint8).numpy()).cast("B") for t in self.kv(num_tokens)]
         ack = bytearray(1)
         started = time.perf_counter()
-        self.sock.sendall(struct.pack("<Q", len(payload)))
-        self.sock.sendall(payload)
+        self.sock.sendall(struct.pack("<Q", sum(len(payload) for payload in payloads)))
+        for payload in payloads:
+            self.sock.sendall(payload)
         self.sock.recv_into(ack, 1, socket.MSG_WAITALL)
         return time.perf_counter() - started
 

@@ -29,6 +29,8 @@ class ColocatedDriver:
         pages = self.decode.pages_of(request.request_id)
         assert pages is not None, f"request {request.request_id} vanished after its reservation"
         job = PrefillJob(request.request_id, request.prompt_ids, request.sampling)
+        if request.grammar is not None:  # the prefill's own matcher, as on a prefill worker
+            job.grammar = request.grammar.restart()
         try:
             self.prefill.submit(job)
         except ValueError as exc:
@@ -63,6 +65,4 @@ class ColocatedDriver:
         self._prefilling = waiting
 
     def _write(self, pages: list[int], result: PrefillResult) -> None:
-        config = self.decode.runner.model.config
-        ckv, kpe = result.kv.split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
-        self.decode.runner.cache.scatter(pages, ckv, kpe)
+        self.decode.runner.cache.scatter(pages, result.ckv, result.kpe)

@@ -34,13 +34,14 @@ import grpc
 import torch
 
 from decode_worker.engine import DecodeEngine
-from decode_worker.server import DecodeServicer
+from decode_worker.server import DecodeServicer, swap_load
 from prefill_worker.engine import PrefillEngine, PrefillJob
 from prefill_worker.server import PrefillServicer
 from prefill_worker.vision_client import VisionFetchError
 from proto import control_pb2 as ctl
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
+from shared.grammar import GrammarCache
 from shared.kv_transfer import KVReceiver, KVSender
 from shared.model.loader import load_text_model
 from shared.registration import load_of, register_and_beat
@@ -54,8 +55,10 @@ logger = logging.getLogger(__name__)
 class ColocatedEngine(DecodeEngine):
     """A decode engine whose loop also steps a `PrefillEngine` over the same runner and cache."""
 
-    def __init__(self, runner: ModelRunner, prefill: PrefillEngine, transfer_timeout: float):
-        super().__init__(runner, transfer_timeout=transfer_timeout)
+    def __init__(self, runner: ModelRunner, prefill: PrefillEngine, transfer_timeout: float,
+                 swap_space_bytes: int = -1):  # fmt: skip
+        super().__init__(runner, transfer_timeout=transfer_timeout,
+                         swap_space_bytes=swap_space_bytes)  # fmt: skip
         assert prefill.runner is runner, "a colocated prefill computes into the decode cache"
         self.prefill = prefill
 
@@ -75,8 +78,9 @@ class ColocatedEngine(DecodeEngine):
 class ColocatedPrefillServicer(PrefillServicer):
     """`PrefillWorker` of a colocated worker: prompts reserved here are computed in place."""
 
-    def __init__(self, config: WorkerConfig, engine: ColocatedEngine, sender: KVSender) -> None:
-        super().__init__(config, engine.prefill, sender)
+    def __init__(self, config: WorkerConfig, engine: ColocatedEngine, sender: KVSender,
+                 grammars: GrammarCache | None = None) -> None:  # fmt: skip
+        super().__init__(config, engine.prefill, sender, grammars)
         self.colocated = engine
 
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext):
@@ -89,7 +93,8 @@ class ColocatedPrefillServicer(PrefillServicer):
             context.abort(grpc.StatusCode.ABORTED, f"request {request_id} is not reserved here")
         job = PrefillJob(request_id, list(request.prompt_token_ids),
                          sampling_from_proto(request.sampling), pages=pages)  # fmt: skip
-        try:
+        try:  # a GrammarError is a ValueError
+            job.grammar = self.grammar_state(job, request.sampling)
             job.input_embeds = self.vision.prompt_embeds(request.images, job.prompt_ids)
             future = self.colocated.submit_prefill(job)
         except (VisionFetchError, ValueError) as exc:
@@ -117,35 +122,36 @@ class ColocatedPrefillServicer(PrefillServicer):
 
 def _receiver(config: WorkerConfig, engine: DecodeEngine) -> KVReceiver:
     """Accepts pushes from other prefill workers, as a decode worker does."""
-    runner, text = engine.runner, engine.runner.model.config
     return KVReceiver(
         host=config.host,
-        write_pages=lambda pages, kv: runner.cache.scatter(
-            pages, *kv.split([text.kv_lora_rank, text.qk_rope_head_dim], dim=-1)
-        ),
+        cache=engine.runner.cache,
         resolve=engine.pages_of,
         on_done=engine.on_transfer_done,
-        kv_shape=(text.num_hidden_layers, text.kv_cache_dim),
-        dtype=runner.cache.ckv.dtype,
         timeout=config.kv_transfer_timeout,
-        page_size=config.page_size,
     )
 
 
 def serve(config: WorkerConfig) -> None:
     assert config.ep_size == 1, "a colocated worker runs one rank (no expert parallelism)"
     torch.set_grad_enabled(False)
-    model = load_text_model(config.model_path, dtype=getattr(torch, config.dtype))
-    runner = ModelRunner(model, config.num_pages, config.page_size)
-    engine = ColocatedEngine(runner, PrefillEngine(runner), config.kv_transfer_timeout)
+    model = load_text_model(
+        config.model_path, dtype=getattr(torch, config.dtype), device=config.device
+    )
+    runner = ModelRunner(model, config.num_pages, config.page_size, config.device,
+                         config.attention_backend)  # fmt: skip
+    # No prefix cache here (`--prefix-cache` is ignored): most prefills bring pages the decode
+    # engine reserved, and cached pages would sit in the allocator the decode engine admits by.
+    engine = ColocatedEngine(runner, PrefillEngine(runner), config.kv_transfer_timeout,
+                             config.swap_space_bytes)  # fmt: skip
     receiver = _receiver(config, engine)
     sender = KVSender(config.worker_id, config.kv_transfer_timeout, config.fault_kv_delay)
     engine.start()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=GRPC_OPTIONS)
-    decode = DecodeServicer(config, engine, receiver)
+    grammars = GrammarCache.for_model(config.model_path, runner.model.config.vocab_size)
+    decode = DecodeServicer(config, engine, receiver, grammars)
     pb_grpc.add_DecodeWorkerServicer_to_server(decode, server)
     pb_grpc.add_PrefillWorkerServicer_to_server(
-        ColocatedPrefillServicer(config, engine, sender), server
+        ColocatedPrefillServicer(config, engine, sender, grammars), server
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     server.start()
@@ -155,7 +161,9 @@ def serve(config: WorkerConfig) -> None:
     def load() -> ctl.WorkerLoad:
         status = decode.Status(None, None)
         status.num_waiting = engine.prefill.num_waiting
-        return load_of(status)
+        load = load_of(status)
+        load.num_swapped, load.num_preemptions = swap_load(engine)
+        return load
 
     if config.router_address:
         for role in ("decode", "prefill"):  # one id in both pools; a heartbeat refreshes both

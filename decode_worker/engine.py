@@ -3,7 +3,9 @@
 Request life on a decode worker: `reserve` (pages for the prompt, state RESERVED) ->
 KV arrives through the receiver (`on_transfer_done`) -> admitted to the running batch with the
 first token the prefill worker sampled -> one token per step until a stop condition -> pages
-freed. Pages are freed exactly once on every path: finish, abort, failed transfer.
+freed. Pages are freed exactly once on every path: finish, abort, failed transfer. When the pool
+runs dry mid-generation, the newest running requests are swapped out to host memory and come
+back later (`decode_worker/swap.py`); a swapped request holds no pages.
 
 Threads: gRPC handlers call `reserve`, `abort` and read `Request.outputs`; the KV receiver calls
 `on_transfer_done`; only the engine loop touches `running` and runs the model. The loop is
@@ -19,12 +21,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from shared.kv_cache import pages_needed
+from decode_worker.swap import SwapSpace, default_swap_bytes
+from shared.kv_cache import OutOfPagesError, pages_needed
 from shared.kv_transfer import TransferState
 from shared.messages import KVPushMsg
 from shared.runner import ModelRunner, SeqStep
 from shared.sampling import Sampled, SamplingConfig, sample_batch
+
+if TYPE_CHECKING:
+    from shared.grammar import GrammarState
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ class Request:
     outputs: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     aborted: bool = False
     reserved_at: float = dataclasses.field(default_factory=time.monotonic)
+    grammar: GrammarState | None = None  # `response_format`: advanced by every emitted token
 
     @property
     def num_tokens(self) -> int:
@@ -59,11 +67,19 @@ class Request:
 
 class DecodeEngine:
     def __init__(
-        self, runner: ModelRunner, max_running: int = 256, transfer_timeout: float = 30.0
+        self,
+        runner: ModelRunner,
+        max_running: int = 256,
+        transfer_timeout: float = 30.0,
+        swap_space_bytes: int = -1,  # -1: `default_swap_bytes`; 0: a dry pool fails requests
+        resume_margin_tokens: int = 64,
     ) -> None:
         self.runner = runner
         self.max_running = max_running
         self.transfer_timeout = transfer_timeout
+        if swap_space_bytes < 0:
+            swap_space_bytes = default_swap_bytes(runner)
+        self.swap = SwapSpace(runner, swap_space_bytes, resume_margin_tokens)
         # Expert parallelism: all-reduces this rank's running count over the worker's ranks.
         self.lockstep: Callable[[int], int] | None = None
         self.on_fatal: Callable[[], None] = lambda: None
@@ -86,8 +102,12 @@ class DecodeEngine:
     # ------------------------------------------------------------ called from other threads
 
     def reserve(self, request: Request) -> list[int]:
-        """Reserves pages for the prompt; raises OutOfPagesError when the cache is full."""
+        """Reserves pages for the prompt; raises OutOfPagesError when the cache is full, or
+        when the reservation would take pages that swapped-out requests wait for."""
         num = pages_needed(len(request.prompt_ids), self.runner.page_size)
+        wanted = self.swap.pages_wanted
+        if wanted and self.runner.allocator.num_free - num < wanted:
+            raise OutOfPagesError(f"{self.swap.num_swapped} swapped-out requests wait for pages")
         request.page_table = self.runner.allocator.allocate(num)
         with self._lock:
             self._requests[request.request_id] = request
@@ -144,8 +164,9 @@ class DecodeEngine:
         return self.runner.allocator.num_free
 
     def has_admissions(self) -> bool:
-        """Requests whose KV is in place but that have not joined the running batch yet."""
-        return not self._admit.empty()
+        """Requests whose KV is in place (or on the host, swapped out) but that are not in the
+        running batch."""
+        return not self._admit.empty() or self.swap.num_swapped > 0
 
     # ------------------------------------------------------------ engine loop
 
@@ -162,6 +183,12 @@ class DecodeEngine:
 
     def _emit(self, request: Request, sampled: Sampled) -> bool:
         """Appends a token; returns True while the request keeps running."""
+        if request.grammar is not None and not request.grammar.accept(sampled.token_id):
+            # Only a first token sampled without the grammar gets here (a prefill that ignored
+            # it): the output could no longer follow the format, so it ends rather than lie.
+            self._finish(request, "error", f"token {sampled.token_id} breaks the request's "
+                         "response_format")  # fmt: skip
+            return False
         request.output_ids.append(sampled.token_id)
         request.outputs.put(DecodeOutput(sampled=sampled))
         if sampled.token_id in request.stop_token_ids:
@@ -208,6 +235,7 @@ class DecodeEngine:
         """Expires stale reservations, admits arrived requests, drops aborted ones and runs one
         step; returns False when there was nothing to run."""
         self._expire_reservations()
+        self._swap_in()
         self._admit_new()
         for request in [r for r in self.running if r.aborted]:
             self.running.remove(request)
@@ -235,7 +263,7 @@ class DecodeEngine:
             self.step(idle_ok=True)
         except Exception as exc:
             logger.error("expert-parallel step failed (%s); this worker stops", exc)
-            for request in self.running:
+            for request in self.running + self.swap.drop(lambda r: True):
                 self._finish(request, "error", f"expert-parallel worker lost a rank: {exc}")
             self.running = []
             self.on_fatal()
@@ -243,17 +271,8 @@ class DecodeEngine:
 
     def step(self, idle_ok: bool = False) -> None:
         """One decode step for every running request: feed the last token, sample the next."""
-        steps, batch = [], []
-        for request in self.running:
-            try:
-                self.runner.ensure_pages(request.page_table, request.num_tokens)
-            except RuntimeError as exc:
-                self._finish(request, "error", f"out of KV pages: {exc}")
-                continue
-            steps.append(SeqStep([request.output_ids[-1]], request.num_tokens - 1,
-                                 request.page_table))  # fmt: skip
-            batch.append(request)
-        self.running = batch
+        batch = self.running = self._make_room()
+        steps = [SeqStep([r.output_ids[-1]], r.num_tokens - 1, r.page_table) for r in batch]
         if not batch:
             if idle_ok:
                 self.runner.run([])  # an idle rank's step: the collectives need every rank
@@ -265,5 +284,60 @@ class DecodeEngine:
             [len(r.output_ids) for r in batch],
             [r.prompt_ids for r in batch],
             [r.output_ids for r in batch],
+            [r.grammar for r in batch],
         )
         self.running = [r for r, s in zip(batch, sampled) if self._emit(r, s)]
+
+    # ------------------------------------------------------------ preemption (engine thread)
+
+    def _swap_in(self) -> None:
+        """Drops swapped requests that were aborted or ended elsewhere (freeing their host
+        copies), then resumes swapped ones, oldest first, before new arrivals are admitted."""
+        with self._lock:
+            gone = self.swap.drop(lambda r: r.aborted or r.request_id not in self._requests)
+        for request in gone:
+            self._finish(request, "abort", "aborted")  # no-op for one already finished
+        room = self.max_running - len(self.running)
+        self.running.extend(self.swap.swap_in(room))
+
+    def _make_room(self) -> list[Request]:
+        """Grows running requests' pages for this step, oldest arrival first; when the pool runs
+        dry, the newest ones are swapped out. Returns the requests that step now."""
+        pending = sorted(self.running, key=lambda r: r.reserved_at)
+        batch = []
+        while pending:
+            request = pending.pop(0)
+            if self._never_fits(request):
+                continue
+            grown = self._grow(request)
+            while not grown and pending:
+                self._preempt(pending.pop())
+                grown = self._grow(request)
+            if grown:
+                batch.append(request)
+            else:
+                self._preempt(request)
+        return batch
+
+    def _grow(self, request: Request) -> bool:
+        try:
+            self.runner.ensure_pages(request.page_table, request.num_tokens)
+            return True
+        except OutOfPagesError:
+            return False
+
+    def _never_fits(self, request: Request) -> bool:
+        """Ends a request whose tokens need more pages than the whole pool."""
+        need = pages_needed(request.num_tokens, self.runner.page_size)
+        total = self.runner.allocator.num_pages
+        if need <= total:
+            return False
+        self._finish(request, "error", f"decode worker is out of KV memory: {request.num_tokens} "
+                     f"tokens need {need} pages and the worker holds {total}")  # fmt: skip
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        error = self.swap.swap_out(request)
+        if error:
+            logger.warning("request %s ends: %s", request.request_id, error)
+            self._finish(request, "error", error)

@@ -21,6 +21,7 @@ from proto import control_pb2 as ctl
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
 from shared.config import ModelConfig
+from shared.grammar import GrammarCache, GrammarError
 from shared.kv_cache import OutOfPagesError, pages_needed
 from shared.kv_transfer import KVReceiver
 from shared.model.expert_parallel import (
@@ -39,11 +40,19 @@ from shared.wire import GRPC_OPTIONS, sampling_from_proto, token_to_proto
 logger = logging.getLogger(__name__)
 
 
+def swap_load(engine: DecodeEngine) -> tuple[int, int]:
+    """(requests swapped out now, preemptions since start) for the heartbeat's load."""
+    return engine.swap.num_swapped, engine.swap.num_preemptions
+
+
 class DecodeServicer(pb_grpc.DecodeWorkerServicer):
-    def __init__(self, config: WorkerConfig, engine: DecodeEngine, receiver: KVReceiver) -> None:
+    def __init__(self, config: WorkerConfig, engine: DecodeEngine, receiver: KVReceiver,
+                 grammars: GrammarCache | None = None) -> None:  # fmt: skip
         self.config = config
         self.engine = engine
         self.receiver = receiver
+        vocab_size = engine.runner.model.config.vocab_size
+        self.grammars = grammars or GrammarCache.for_model(config.model_path, vocab_size)
 
     def Generate(self, request: pb.DecodeRequest, context: grpc.ServicerContext):
         params = request.sampling
@@ -55,6 +64,11 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             stop_token_ids=frozenset(params.stop_token_ids),
             page_table=[],
         )
+        if req.sampling.grammar is not None:  # compiled here, off the engine thread
+            try:
+                req.grammar = self.grammars.start(req.sampling.grammar, params.stop_token_ids)
+            except GrammarError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"response_format: {exc}")
         allocator, page_size = self.engine.runner.allocator, self.engine.runner.page_size
         need = pages_needed(len(req.prompt_ids) + 1, page_size)
         if need > allocator.num_pages:  # can never fit: an error now, not a wait
@@ -108,24 +122,19 @@ def serve(config: WorkerConfig) -> None:
     torch.set_grad_enabled(False)
     placement = _placement(config)
     owned = placement.local_experts(config.ep_rank) if placement else None
-    model = load_text_model(
-        config.model_path, dtype=getattr(torch, config.dtype), owned_experts=owned
-    )
+    model = load_text_model(config.model_path, dtype=getattr(torch, config.dtype),
+                             device=config.device, owned_experts=owned)  # fmt: skip
     stats = enable_expert_stats(model) if config.expert_stats else None
-    runner = ModelRunner(model, config.num_pages, config.page_size)
-    engine = DecodeEngine(runner, transfer_timeout=config.kv_transfer_timeout)
-    text = model.config
+    runner = ModelRunner(model, config.num_pages, config.page_size, config.device,
+                         config.attention_backend)  # fmt: skip
+    engine = DecodeEngine(runner, transfer_timeout=config.kv_transfer_timeout,
+                          swap_space_bytes=config.swap_space_bytes)  # fmt: skip
     receiver = KVReceiver(
         host=config.host,
-        write_pages=lambda pages, kv: runner.cache.scatter(
-            pages, *kv.split([text.kv_lora_rank, text.qk_rope_head_dim], dim=-1)
-        ),
+        cache=runner.cache,
         resolve=engine.pages_of,
         on_done=engine.on_transfer_done,
-        kv_shape=(text.num_hidden_layers, text.kv_cache_dim),
-        dtype=runner.cache.ckv.dtype,
         timeout=config.kv_transfer_timeout,
-        page_size=config.page_size,
     )
     if placement is not None:
         _join_expert_group(config, model, engine, placement)
@@ -151,6 +160,7 @@ def serve(config: WorkerConfig) -> None:
 def _load(servicer: DecodeServicer, stats: ExpertStats | None) -> ctl.WorkerLoad:
     """The heartbeat's load; with `--expert-stats`, also the tokens per expert since start."""
     load = load_of(servicer.Status(None, None))
+    load.num_swapped, load.num_preemptions = swap_load(servicer.engine)
     if stats is not None:
         # Limitation: every beat carries all counts, not the change since the last one; at
         # Kimi-K2.5's 60 MoE layers x 384 experts that is 23k varints (about 100 KB) a

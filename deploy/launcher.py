@@ -1,8 +1,7 @@
 """Local launcher: starts every pool as separate OS processes on this machine and supervises them.
 
-Start order: the vision workers (each prints `READY <port>` when it serves), the router with
-their addresses, the decode and prefill workers (they register with the router), then the
-gateway. Ctrl-C (SIGINT) or SIGTERM stops all of them; each child runs in its own session and is
+Start order: the router, then the vision, decode and prefill workers together (each registers
+with the router, then prints `READY <port>`), then the gateway. Ctrl-C (SIGINT) or SIGTERM stops all of them; each child runs in its own session and is
 killed with its whole process group, so none is left orphaned. If any child dies, the others are
 stopped and the launcher exits non-zero.
 
@@ -50,13 +49,18 @@ class StackConfig:
     num_pages: int = 2048
     page_size: int = 16
     kv_transfer_timeout: float = 30.0
+    swap_space_bytes: int = -1  # decode: host memory for preempted requests (see WorkerConfig)
     api_key: str | None = None
     policy: str = "round_robin"
     fault_kv_delay: float = 0.0  # fault tests only (see WorkerConfig)
+    prefix_cache: bool = True  # prefill workers reuse cached prompt prefixes (see WorkerConfig)
     decode_ep_size: int = 1  # ranks per decode worker (expert parallelism)
     expert_placement: str = ""  # JSON list expert -> rank; "" = round robin
     expert_stats: bool = False  # decode workers send tokens per expert (kimiserve:expert_tokens)
     context_length: int = 0  # 0: the model's, capped at the router's default
+    # Seconds a request may take from arrival to its end before the router aborts it (504); the
+    # router's default, as SGLang's model gateway has it. 0: no limit.
+    request_timeout: float = 1800.0
     max_images_per_request: int = 16
     allowed_media_domains: tuple[str, ...] = ()  # image URL hosts (see shared.settings.MediaConfig)
     allow_private_media_urls: bool = False
@@ -68,10 +72,16 @@ class StackConfig:
     max_prefill: int = 3
     min_decode: int = 1
     max_decode: int = 3
+    # Seconds a vision worker that is scaled away keeps serving the embeddings of requests still
+    # running; past it, a prefill worker that still needs them has the router encode them again.
+    vision_drain_timeout: float = 60.0
     startup_timeout: float = 300.0
     launcher: str = "local"  # "local": every process here; "ray": workers as Ray actors
     ray_address: str | None = None  # ray: a running cluster's address; None starts Ray here
     num_gpus_per_worker: int = 0  # ray: GPUs each worker rank reserves
+    worker_device: str = "cpu"  # prefill and decode workers' device ("cuda": bench/gpu_check.sh)
+    worker_dtype: str = "float32"  # their weights and KV cache ("bfloat16" on a GPU)
+    attention_backend: str = "auto"  # "torch", "flashinfer" or "auto" (see WorkerConfig)
 
 
 @dataclasses.dataclass
@@ -155,7 +165,12 @@ class ProcessSpawner:
         pass
 
 
-ROLE_MODULES = {"decode": "decode_worker.server", "prefill": "prefill_worker.server"}
+ROLE_MODULES = {
+    "vision": "vision_worker.server",
+    "decode": "decode_worker.server",
+    "prefill": "prefill_worker.server",
+}
+DRAIN_TIMEOUT_S = 120.0  # prefill and decode: in-flight requests finish within this
 # `--colocated`: the decode pool's workers also serve prefill (`num_decode` of them, no prefill
 # pool); they register under both roles.
 COLOCATED_MODULE = "decode_worker.colocated_server"
@@ -222,12 +237,18 @@ class LocalStack:
                 "--router-address", self.router_address,
                 "--num-pages", str(c.num_pages), "--page-size", str(c.page_size),
                 "--kv-transfer-timeout", str(c.kv_transfer_timeout),
-                "--fault-kv-delay", str(c.fault_kv_delay)] + (
+                "--swap-space-bytes", str(c.swap_space_bytes),
+                "--fault-kv-delay", str(c.fault_kv_delay),
+                "--prefix-cache" if c.prefix_cache else "--no-prefix-cache",
+                "--device", c.worker_device, "--dtype", c.worker_dtype,
+                "--attention-backend", c.attention_backend] + (
                     ["--expert-stats"] if c.expert_stats else [])  # fmt: skip
 
     def _ranks(self, role: str, name: str) -> list[tuple[str, list[str]]]:
         """(name, args) of each process of one worker: one, or `decode_ep_size` ranks."""
         c = self.config
+        if role == "vision":
+            return [(name, self._vision_args(name))]
         size = c.decode_ep_size if role == "decode" else 1
         if size == 1:
             return [(name, self._worker_args(name))]
@@ -244,16 +265,16 @@ class LocalStack:
             ranks.append((rank_name, args))
         return ranks
 
-    def _vision_args(self, index: int) -> list[str]:
+    def _vision_args(self, worker_id: str) -> list[str]:
         c = self.config
-        return ["--model-path", c.model_path, "--worker-id", f"vision-{index}",
-                "--host", c.internal_host]  # fmt: skip
+        return ["--model-path", c.model_path, "--worker-id", worker_id,
+                "--host", c.internal_host, "--router-address", self.router_address]  # fmt: skip
 
-    def _media_args(self, vision_addresses: list[str]) -> list[str]:
-        """The router's image flags: its vision workers and the media settings."""
+    def _media_args(self) -> list[str]:
+        """The router's media settings (its vision workers register, as the others do)."""
         c = self.config
         private = "allow" if c.allow_private_media_urls else "no-allow"
-        return [a for address in vision_addresses for a in ("--vision", address)] + [
+        return [
             "--max-images-per-request", str(c.max_images_per_request),
             "--allowed-media-domains", ",".join(c.allowed_media_domains),
             f"--{private}-private-media-urls",
@@ -262,23 +283,19 @@ class LocalStack:
     def start(self) -> None:
         c = self.config
         try:
-            vision = [
-                self._spawn_worker(f"vision-{i}", "vision_worker.server", self._vision_args(i))
-                for i in range(c.num_vision)
-            ]
-            for child in vision:
-                self._await_ready(child)
             head = self.spawner.head_host
             router_args = ["--model-path", c.model_path, "--host", head,
                            "--served-model-name", c.served_model_name, "--policy", c.policy,
-                           "--context-length", str(c.context_length)]  # fmt: skip
-            router_args += self._media_args([v.address for v in vision])
+                           "--context-length", str(c.context_length),
+                           "--request-timeout", str(c.request_timeout)]  # fmt: skip
+            router_args += self._media_args()
             router = self._spawn("router", "router.server", router_args, host=head)
             self._await_ready(router)
             self.router_address = router.address
             if c.colocated and c.decode_ep_size > 1:
                 raise ValueError("--colocated workers run one rank: drop --decode-ep-size")
-            sizes = {"decode": c.num_decode, "prefill": 0 if c.colocated else c.num_prefill}
+            sizes = {"vision": c.num_vision, "decode": c.num_decode,
+                     "prefill": 0 if c.colocated else c.num_prefill}  # fmt: skip
             self.scale(sizes)
             gateway_args = ["--host", c.host, "--port", str(c.port), "--router",
                             self.router_address, "--served-model-name", c.served_model_name]  # fmt: skip
@@ -346,12 +363,15 @@ class LocalStack:
 
     def _retire(self, worker: Child) -> None:
         """Drains every rank of the worker (no new requests, in-flight ones finish), then stops
-        them together: an expert-parallel rank cannot outlive its peers."""
+        them together: an expert-parallel rank cannot outlive its peers. A vision worker drains
+        until no running request holds images on it (at most `vision_drain_timeout`)."""
         ranks = self.ranks_of(worker)
+        vision = worker.name.startswith("vision-")
+        timeout = self.config.vision_drain_timeout if vision else DRAIN_TIMEOUT_S
         with grpc.insecure_channel(self.router_address) as channel:
             control = ctl_grpc.ControlStub(channel)
             for child in ranks:
-                drained = control.Drain(ctl.DrainRequest(worker_id=child.name, timeout_s=120.0))
+                drained = control.Drain(ctl.DrainRequest(worker_id=child.name, timeout_s=timeout))
                 if not drained.drained:
                     logger.warning("%s still had %d requests after draining; stopping it anyway",
                                    child.name, drained.num_inflight)  # fmt: skip

@@ -9,6 +9,12 @@ one tensor [L, S, r+R] for the KV sender, and its pages are freed before its fut
 A job that brings its own pages (`PrefillJob.pages`: a colocated worker, whose decode engine
 reserved them in this same cache) is computed in place; nothing is copied out or freed.
 
+With a prefix cache (`prefix_cache=True`, `prefill_worker/prefix_cache.py`), a new job starts
+after the longest cached page-aligned prefix of its prompt (at least its last token is computed,
+for the logits of the first token): those pages are locked while it runs, and when it finishes
+its full pages go into the cache instead of back to the allocator. Jobs that bring their own
+pages never use the cache, and neither do jobs with input embeddings but no `cache_keys`.
+
 Threads: `submit` is called from gRPC handlers; `step` runs on the engine thread (`start`) or,
 with the thread not started, on the caller's (an in-process driver).
 """
@@ -20,12 +26,17 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 import torch
 
+from prefill_worker.prefix_cache import CacheNode, PrefixCache, TokenKey
 from shared.kv_cache import pages_needed
 from shared.runner import ModelRunner, SeqStep
 from shared.sampling import Sampled, SamplingConfig, sample_one
+
+if TYPE_CHECKING:
+    from shared.grammar import GrammarState
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +51,31 @@ class PrefillJob:
     # Pages already reserved for this prompt in this engine's own cache (a colocated worker):
     # the prefill writes its latents there, keeps the pages and returns no `kv`.
     pages: list[int] | None = None
+    # The prefix cache's key of each prompt token (`prefix_cache.prompt_keys`); None: the token
+    # ids, which is right only for a prompt without images, so a job with `input_embeds` and no
+    # keys skips the cache.
+    cache_keys: list[TokenKey] | None = None
+    grammar: GrammarState | None = None  # `response_format`: masks the first token
+
+    def keys(self) -> list[TokenKey] | None:
+        if self.pages is not None or (self.input_embeds is not None and self.cache_keys is None):
+            return None
+        return self.prompt_ids if self.cache_keys is None else self.cache_keys
 
 
 @dataclasses.dataclass
 class PrefillResult:
     first: Sampled
-    kv: torch.Tensor | None  # [L, S, r+R]; None when the job brought its own pages
+    # The prompt's latents for the KV sender, [L, S, r] and [L, S, R]; None when the job brought
+    # its own pages.
+    ckv: torch.Tensor | None
+    kpe: torch.Tensor | None = None
+    num_cached: int = 0  # prompt tokens whose latents came from the prefix cache
+
+    @property
+    def kv(self) -> torch.Tensor | None:
+        """[L, S, r+R], a copy (for comparisons; the sender takes `ckv` and `kpe`)."""
+        return None if self.ckv is None else torch.cat([self.ckv, self.kpe], dim=-1)
 
 
 @dataclasses.dataclass
@@ -55,6 +85,7 @@ class _Started:
     job: PrefillJob
     pages: list[int]
     num_done: int = 0
+    cached: list[CacheNode] = dataclasses.field(default_factory=list)  # locked, pages[:len]
 
     @property
     def owns_pages(self) -> bool:
@@ -71,10 +102,15 @@ class _Started:
 
 
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, max_prefill_chunk: int = 8192) -> None:
+    def __init__(
+        self, runner: ModelRunner, max_prefill_chunk: int = 8192, prefix_cache: bool = False
+    ) -> None:
         assert max_prefill_chunk >= 1, max_prefill_chunk
         self.runner = runner
         self.max_prefill_chunk = max_prefill_chunk
+        self.prefix_cache = (
+            PrefixCache(runner.allocator, runner.page_size) if prefix_cache else None
+        )
         self._jobs: queue.Queue[PrefillJob] = queue.Queue()
         self._pending: list[PrefillJob] = []
         self._started: list[_Started] = []
@@ -90,6 +126,8 @@ class PrefillEngine:
         if rows is not None and rows.shape[0] != len(job.prompt_ids):
             # Caught here: inside a step it would fail every job of that step.
             raise ValueError(f"{rows.shape[0]} embedding rows for {len(job.prompt_ids)} tokens")
+        if job.cache_keys is not None and len(job.cache_keys) != len(job.prompt_ids):
+            raise ValueError(f"{len(job.cache_keys)} cache keys for {len(job.prompt_ids)} tokens")
         total = pages_needed(len(job.prompt_ids), self.runner.page_size)
         if total > self.runner.allocator.num_pages:
             raise ValueError(f"prompt of {len(job.prompt_ids)} tokens exceeds this worker's cache")
@@ -103,6 +141,16 @@ class PrefillEngine:
 
     def has_work(self) -> bool:
         return self.num_waiting > 0
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages a new job could get: free ones and cached ones no running job holds."""
+        cache = self.prefix_cache
+        return self.runner.allocator.num_free + (cache.num_evictable if cache else 0)
+
+    @property
+    def num_cached_pages(self) -> int:
+        return self.prefix_cache.num_pages if self.prefix_cache else 0
 
     def _loop(self) -> None:
         while True:
@@ -126,7 +174,7 @@ class PrefillEngine:
             for started in failed:
                 self._started.remove(started)
                 if started.owns_pages:
-                    self.runner.allocator.free(started.pages)
+                    self._release(started, keep=False)
                 started.job.future.set_exception(exc)
         return sum(num for _, num in chunks)
 
@@ -149,19 +197,51 @@ class PrefillEngine:
             budget -= num
         while budget > 0 and self._pending:
             job = self._pending[0]
-            own = job.pages is None
-            num_pages = pages_needed(len(job.prompt_ids), self.runner.page_size) if own else 0
-            if not self.runner.allocator.can_allocate(num_pages):
+            started = _Started(job, job.pages) if job.pages is not None else self._take_pages(job)
+            if started is None:
                 break  # arrival order: later jobs wait too
             self._pending.pop(0)
             if not job.future.set_running_or_notify_cancel():
-                continue  # the caller went away while the job waited
-            started = _Started(job, self.runner.allocator.allocate(num_pages) if own else job.pages)
+                if started.owns_pages:  # the caller went away while the job waited
+                    self._release(started, keep=False)
+                continue
             self._started.append(started)
             num = min(started.num_left, budget)
             chunks.append((started, num))
             budget -= num
         return chunks
+
+    def _take_pages(self, job: PrefillJob) -> _Started | None:
+        """Starts a job on its cached prefix (locked) and fresh pages; None while too few pages
+        are free."""
+        page_size, cache = self.runner.page_size, self.prefix_cache
+        num_pages = pages_needed(len(job.prompt_ids), page_size)
+        keys = job.keys() if cache else None
+        if keys is None:
+            if not self.runner.allocator.can_allocate(num_pages):
+                return None
+            return _Started(job, self.runner.allocator.allocate(num_pages))
+        cached = cache.match(keys, (len(keys) - 1) // page_size)  # the last token is computed
+        cache.lock(cached)
+        fresh = cache.allocate(num_pages - len(cached))
+        if fresh is None:
+            cache.unlock(cached)
+            return None
+        pages = [node.page for node in cached] + fresh
+        return _Started(job, pages, len(cached) * page_size, cached)
+
+    def _release(self, started: _Started, keep: bool) -> None:
+        """Gives back a job's own pages: its full pages into the prefix cache when `keep` (its
+        latents are complete), the rest to the allocator; unlocks its cached prefix."""
+        cache, job = self.prefix_cache, started.job
+        keys = job.keys() if cache else None
+        if keys is None:
+            self.runner.allocator.free(started.pages)
+            return
+        num_full = len(keys) // self.runner.page_size if keep else len(started.cached)
+        spare = cache.insert(keys, started.pages[:num_full]) if keep else []
+        cache.unlock(started.cached)
+        self.runner.allocator.free(spare + started.pages[num_full:])
 
     def _run(self, chunks: list[tuple[_Started, int]]) -> None:
         steps = [
@@ -178,13 +258,13 @@ class PrefillEngine:
 
     def _finish(self, started: _Started, last_logits: torch.Tensor) -> None:
         job = started.job
-        first = sample_one(last_logits, job.sampling, 0, job.prompt_ids)
+        first = sample_one(last_logits, job.sampling, 0, job.prompt_ids, grammar=job.grammar)
         if not started.owns_pages:
             self._started.remove(started)
             job.future.set_result(PrefillResult(first, None))
             return
         ckv, kpe = self.runner.cache.gather(started.pages, len(job.prompt_ids))
-        kv = torch.cat([ckv, kpe], dim=-1)  # [L, S, r+R]
         self._started.remove(started)
-        self.runner.allocator.free(started.pages)
-        job.future.set_result(PrefillResult(first, kv))
+        self._release(started, keep=True)
+        num_cached = len(started.cached) * self.runner.page_size
+        job.future.set_result(PrefillResult(first, ckv, kpe, num_cached))

@@ -73,11 +73,13 @@ class VisionClient:
                 shapes[chunk.image_index] = tuple(chunk.shape)
                 dtypes[chunk.image_index] = chunk.dtype
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code != grpc.StatusCode.NOT_FOUND:
-                code = grpc.StatusCode.UNAVAILABLE  # the vision worker is gone or stuck
+            # The vision worker is gone, stuck, or restarted without these embeddings: the
+            # handles no longer hold. FAILED_PRECONDITION tells the router that this worker is
+            # fine and the images must be encoded again (UNAVAILABLE would take it out of rotation).
             raise VisionFetchError(
-                f"cannot fetch image embeddings from {refs.vision_address}: {exc.details()}", code
+                f"cannot fetch image embeddings from {refs.vision_address}: "
+                f"{exc.code().name}: {exc.details()}",
+                grpc.StatusCode.FAILED_PRECONDITION,
             ) from exc
         embeds = [_tensor(b"".join(p), s, d) for p, s, d in zip(parts, shapes, dtypes)]
         for image, rows in zip(refs.images, embeds):

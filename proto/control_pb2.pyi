@@ -7,20 +7,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_free_pages", "num_total_pages", "num_running", "num_waiting", "expert_tokens", "expert_token_layers")
+    __slots__ = ("num_free_pages", "num_total_pages", "num_running", "num_waiting", "expert_tokens", "expert_token_layers", "num_cached_pages", "num_swapped", "num_preemptions", "cache_bytes", "num_cached_images", "num_cache_hits", "num_cache_misses")
     NUM_FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_TOKEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     num_free_pages: int
     num_total_pages: int
     num_running: int
     num_waiting: int
     expert_tokens: _containers.RepeatedScalarFieldContainer[int]
     expert_token_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., expert_token_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_cached_pages: int
+    num_swapped: int
+    num_preemptions: int
+    cache_bytes: int
+    num_cached_images: int
+    num_cache_hits: int
+    num_cache_misses: int
+    def __init__(self, num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., expert_token_layers: _Optional[_Iterable[int]] = ..., num_cached_pages: _Optional[int] = ..., num_swapped: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., num_cached_images: _Optional[int] = ..., num_cache_hits: _Optional[int] = ..., num_cache_misses: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("role", "worker_id", "address")
@@ -81,7 +95,7 @@ class RemoveResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "worker_id", "address", "state", "load", "num_inflight", "num_served", "seconds_since_heartbeat")
+    __slots__ = ("role", "worker_id", "address", "state", "load", "num_inflight", "num_served", "seconds_since_heartbeat", "num_pinned")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +104,7 @@ class WorkerInfo(_message.Message):
     NUM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     NUM_SERVED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    NUM_PINNED_FIELD_NUMBER: _ClassVar[int]
     role: str
     worker_id: str
     address: str
@@ -98,7 +113,8 @@ class WorkerInfo(_message.Message):
     num_inflight: int
     num_served: int
     seconds_since_heartbeat: float
-    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., num_inflight: _Optional[int] = ..., num_served: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ...) -> None: ...
+    num_pinned: int
+    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., num_inflight: _Optional[int] = ..., num_served: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., num_pinned: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

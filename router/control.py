@@ -1,7 +1,8 @@
 """The router's operations service: registration, heartbeats, draining and the worker list.
 
 `ControlServicer` is served beside `Router` on the router's port. `watch_liveness` runs as a
-task and takes workers whose heartbeats stopped out of rotation.
+task: it takes workers whose heartbeats stopped out of rotation, and brings back static workers
+(no heartbeats) once they can be reached again.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class ControlServicer(ctl_grpc.ControlServicer):
     async def Heartbeat(self, request: ctl.HeartbeatRequest, context) -> ctl.HeartbeatResponse:
         for _, worker in self._find(request.worker_id)[:1]:
             metrics.EXPERT_TOKENS.update(request.worker_id, worker.address, request.load)
+            metrics.PREEMPTIONS.update(request.worker_id, request.load)
+            metrics.VISION_CACHE_HITS.update(request.worker_id, request.load)
         known = [pool.heartbeat(request.worker_id, request.load)
                  for pool, _ in self._find(request.worker_id)]  # fmt: skip
         return ctl.HeartbeatResponse(known=any(known))
@@ -51,7 +54,8 @@ class ControlServicer(ctl_grpc.ControlServicer):
             worker.state = "draining"
 
         def inflight() -> int:
-            return sum(worker.num_inflight for worker in workers)
+            # A vision worker also holds the images of requests it encoded until they end.
+            return sum(worker.num_inflight + worker.num_pinned for worker in workers)
 
         logger.info("draining %s (%d in flight)", request.worker_id, inflight())
         deadline = time.monotonic() + (request.timeout_s or 60.0)
@@ -85,3 +89,6 @@ async def watch_liveness(pools: dict[str, Pool], lost_after_s: float) -> None:
             for worker in pool.expire(lost_after_s):
                 logger.warning("%s worker %s missed its heartbeats; out of rotation", pool.role,
                                worker.worker_id)  # fmt: skip
+            for worker in pool.revive_static():
+                logger.info("%s worker %s is reachable again; back in rotation", pool.role,
+                            worker.worker_id)  # fmt: skip

@@ -7,7 +7,9 @@
 2. Call `PrefillWorker.Prefill` with that descriptor: the prefill worker computes the KV, pushes
    it into the reserved pages and samples the first token. A colocated worker (in both pools
    under one id) prefills its own reservations, into its own pages.
-3. Read tokens from the decode stream until it reports a finish reason.
+3. Read tokens from the decode stream until it reports a finish reason. The first token's event
+   also carries how many prompt tokens the prefill worker found in its prefix cache (the caller
+   may stop reading at any token, so the count cannot wait for the finish).
 Leaving early (client gone, error) cancels both calls; the decode worker frees the pages when
 its stream is cancelled.
 """
@@ -30,23 +32,29 @@ logger = logging.getLogger(__name__)
 
 QUEUE_TIMEOUT_S = 30.0
 MAX_QUEUED = 1024
+REQUEST_TIMED_OUT = "request timed out"  # the cancel message of a request past its deadline
+PREFILL_REPLY_WAIT_S = 2.0
 
 
 class SampleError(Exception):
     """A sample failed; `http_status` is what the client should see."""
 
     def __init__(self, message: str, http_status: int = 500, retry_after: int = 0,
-                 retryable: bool = False) -> None:  # fmt: skip
+                 retryable: bool = False, images_lost: bool = False) -> None:  # fmt: skip
         super().__init__(message)
         self.http_status = http_status
         self.retry_after = retry_after
         self.retryable = retryable  # a worker was lost; another worker may succeed
+        # The prefill worker could not fetch the image embeddings (their vision worker died or
+        # restarted): a retry must encode the images again first.
+        self.images_lost = images_lost
 
 
 @dataclasses.dataclass
 class TokenEvent:
     token: pb.TokenOutput | None
     finish_reason: str = ""
+    num_cached_tokens: int = 0  # on the first token's event: prompt tokens from the prefix cache
 
 
 def _status_to_http(code: grpc.StatusCode) -> int:
@@ -101,19 +109,24 @@ async def run_sample(
         prefill_call = asyncio.ensure_future(prefill.stub.Prefill(prefill_req))
         prefill_call.add_done_callback(lambda _: _release(prefill))
         prefill_call.add_done_callback(lambda f: _observe_prefill(f, timer))
+        first_token = True
         while True:
             chunk = await _read_or_fail(stream, prefill_call)
             if chunk.HasField("token"):
                 timer.token()
-                yield TokenEvent(chunk.token)
+                cached = await _cached_tokens(prefill_call) if first_token else 0
+                first_token = False
+                yield TokenEvent(chunk.token, num_cached_tokens=cached)
             if chunk.finish_reason:
                 if chunk.finish_reason == "error":
                     raise SampleError(f"decode worker failed the request: {chunk.error}", 500)
                 timer.finished(chunk.finish_reason)
                 yield TokenEvent(None, chunk.finish_reason)
                 return
-    except (asyncio.CancelledError, GeneratorExit):
-        metrics.ABORTS.labels("client").inc()
+    except (asyncio.CancelledError, GeneratorExit) as exc:
+        # The router cancels with REQUEST_TIMED_OUT when the request's deadline passes.
+        reason = "timeout" if REQUEST_TIMED_OUT in exc.args else "client"
+        metrics.ABORTS.labels(reason).inc()
         raise
     except SampleError as exc:
         metrics.FAILURES.labels(f"http_{exc.http_status}").inc()
@@ -125,7 +138,7 @@ async def run_sample(
             and prefill_call.done()
             and not (prefill_call.cancelled() or prefill_call.exception() is None)
         )
-        _mark_if_lost(prefill if failed_prefill else decode, exc)
+        mark_if_lost(prefill if failed_prefill else decode, exc)
         raise _sample_error(exc) from exc
     finally:
         decode.num_inflight -= 1
@@ -149,7 +162,7 @@ async def _reserve(pool: Pool, request: pb.DecodeRequest, exclude: frozenset[str
             try:
                 first = await stream.read()
             except grpc.aio.AioRpcError as exc:
-                _mark_if_lost(decode, exc)
+                mark_if_lost(decode, exc)
                 full = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 now = asyncio.get_running_loop().time()
                 if not full or now + delay > deadline:
@@ -172,8 +185,9 @@ async def _reserve(pool: Pool, request: pb.DecodeRequest, exclude: frozenset[str
             pool.num_queued -= 1
 
 
-def _mark_if_lost(worker, exc: grpc.aio.AioRpcError) -> None:
-    """A worker that cannot be reached leaves the rotation now; its next heartbeat brings it back."""
+def mark_if_lost(worker, exc: grpc.aio.AioRpcError) -> None:
+    """A worker that cannot be reached leaves the rotation now; its next heartbeat brings it back
+    (a static worker's channel connecting again, `Pool.revive_static`)."""
     if exc.code() == grpc.StatusCode.UNAVAILABLE and worker.state == "ready":
         logger.warning("%s worker %s is unreachable; out of rotation", worker.role,
                        worker.worker_id)  # fmt: skip
@@ -181,6 +195,9 @@ def _mark_if_lost(worker, exc: grpc.aio.AioRpcError) -> None:
 
 
 def _sample_error(exc: grpc.aio.AioRpcError) -> SampleError:
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the prefill worker's image fetch
+        return SampleError(f"the image embeddings are gone: {exc.details()}", 503, 1,
+                           retryable=True, images_lost=True)  # fmt: skip
     status = _status_to_http(exc.code())
     lost = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
                           grpc.StatusCode.UNKNOWN)  # fmt: skip
@@ -192,7 +209,20 @@ def _observe_prefill(call: asyncio.Future, timer: metrics.SampleTimer) -> None:
     if call.cancelled() or call.exception() is not None:
         return
     reply = call.result()
-    timer.prefill_done(reply.prefill_seconds, reply.transfer_seconds, reply.transfer_bytes)
+    timer.prefill_done(reply.prefill_seconds, reply.transfer_seconds, reply.transfer_bytes,
+                       reply.cached_tokens)  # fmt: skip
+
+
+async def _cached_tokens(prefill_call: asyncio.Future) -> int:
+    """The prefill reply's `cached_tokens`. The reply leaves the prefill worker when the decode
+    worker acknowledges the KV, so it lands about when the first token does: wait briefly."""
+    if prefill_call.cancelled():
+        return 0
+    try:
+        reply = await asyncio.wait_for(asyncio.shield(prefill_call), PREFILL_REPLY_WAIT_S)
+    except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+        return 0
+    return reply.cached_tokens
 
 
 def _release(worker) -> None:

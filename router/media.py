@@ -8,10 +8,14 @@
 2. `MediaResolver.encode`, once the prompt passed the context-length check, has one vision
    worker encode the images and puts the handles on the prompt (`Prompt.images`); the prefill
    worker fetches the embeddings with them, so they never pass through the router.
-3. `MediaResolver.release`, when the request ends, lets the vision worker evict them.
+3. `MediaResolver.release`, when the request ends, lets the vision worker evict them. Until
+   then the request counts in the worker's `num_pinned`, so draining the worker (scaling the
+   vision pool down) waits for it: the prefill worker can still fetch what it was promised.
 
 A problem with an image is a `MediaError` (HTTP 400) naming the content part; a missing or
-failing vision worker is a `SampleError` (503 or 500).
+failing vision worker is a `SampleError` (503 or 500). A vision worker that cannot be reached
+leaves the rotation and the images go to another one, once; a prefill worker that cannot fetch
+the embeddings any more has the router encode them again (`encode_again`) before its retry.
 
 Data URLs: `data:[<media type>][;base64],<data>`. A media type other than `image/*` (or none, or
 `application/octet-stream`) is refused. In base64, whitespace is ignored (the Kimi-K2.5 model
@@ -28,6 +32,7 @@ import binascii
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
 
@@ -36,7 +41,8 @@ import grpc
 from proto import kimiserve_pb2 as pb
 from proto import vision_pb2 as vpb
 from proto import vision_pb2_grpc as vpb_grpc
-from router.lifecycle import SampleError
+from router import metrics
+from router.lifecycle import SampleError, mark_if_lost
 from router.media_fetch import MediaError, UrlFetcher
 from router.pools import Pool, Worker
 from router.prompt import Prompt
@@ -128,6 +134,7 @@ class MediaResolver:
         self.vision = vision
         self.fetcher = fetcher or UrlFetcher(config)
         self._releases: set[asyncio.Task] = set()
+        self._pinned: dict[str, list[Worker]] = {}  # request_id -> workers holding its images
 
     @classmethod
     def from_model(cls, model_path: str, config: MediaConfig, vision: Pool) -> MediaResolver:
@@ -173,34 +180,62 @@ class MediaResolver:
             raise MediaError(f"{param}: {exc}", param) from exc
         return LoadedImage(param, data, num_image_tokens(width, height, self.image_config))
 
-    async def encode(self, request_id: str, prompt: Prompt,
-                     images: Sequence[LoadedImage]) -> Prompt:  # fmt: skip
-        """The prompt with the handles of its images, which one vision worker now holds."""
+    async def encode(self, request_id: str, prompt: Prompt, images: Sequence[LoadedImage],
+                     exclude: frozenset[str] = frozenset()) -> Prompt:  # fmt: skip
+        """The prompt with the handles of its images, which one vision worker now holds until
+        `release`. A worker lost during the call is replaced by another one, once."""
         if not images:
             return prompt
-        worker = self.vision.pick()
-        if worker is None:
-            raise SampleError("no vision worker is available; retry later", 503, 1)
+        for attempt in range(2):
+            worker = self.vision.pick(exclude=exclude)
+            if worker is None:
+                raise SampleError("no vision worker is available; retry later", 503, 1)
+            try:
+                refs = await self._encode_with(worker, request_id, images)
+            except SampleError as exc:
+                if attempt or not exc.retryable:
+                    raise
+                logger.warning("request %s lost vision worker %s (%s); encoding elsewhere",
+                               request_id, worker.worker_id, exc)  # fmt: skip
+                exclude |= {worker.worker_id}
+                continue
+            pinned = self._pinned.setdefault(request_id, [])
+            if worker not in pinned:  # one Release drops all of the request's pins there
+                pinned.append(worker)
+                worker.num_pinned += 1
+            return dataclasses.replace(prompt, images=refs)
+        raise AssertionError("unreachable")
+
+    async def encode_again(self, request_id: str, prompt: Prompt,
+                           images: Sequence[LoadedImage]) -> Prompt:  # fmt: skip
+        """The prompt with fresh handles, preferring another vision worker than the one whose
+        embeddings a prefill worker could not fetch (it died, or restarted with an empty cache)."""
+        old = prompt.images.vision_address if prompt.images is not None else ""
+        exclude = frozenset(w.worker_id for w in self.vision.workers if w.address == old)
+        return await self.encode(request_id, dataclasses.replace(prompt, images=None), images,
+                                 exclude)  # fmt: skip
+
+    def release(self, request_id: str) -> None:
+        """Unpins the request's images on every vision worker that encoded them (background)."""
+        for worker in self._pinned.pop(request_id, []):
+            worker.num_pinned -= 1
+            self._release_on(worker, request_id)
+
+    async def _encode_with(self, worker: Worker, request_id: str,
+                           images: Sequence[LoadedImage]) -> vpb.ImageRefs:  # fmt: skip
         worker.num_inflight += 1
+        worker.num_served += 1
+        start = time.perf_counter()
         try:
             results = await self._encode_on(worker, request_id, images)
             handles = [self._handle(image, result) for image, result in zip(images, results)]
+            metrics.VISION.observe(time.perf_counter() - start)
         except BaseException:
             self._release_on(worker, request_id)  # what was encoded stays pinned otherwise
             raise
         finally:
             worker.num_inflight -= 1
-        refs = vpb.ImageRefs(vision_address=worker.address, images=handles)
-        return dataclasses.replace(prompt, images=refs)
-
-    def release(self, request_id: str, prompt: Prompt) -> None:
-        """Unpins the prompt's images on their vision worker (in the background)."""
-        if prompt.images is None:
-            return
-        worker = next((w for w in self.vision.workers if w.address == prompt.images.vision_address),
-                      None)  # fmt: skip
-        if worker is not None:
-            self._release_on(worker, request_id)
+        return vpb.ImageRefs(vision_address=worker.address, images=handles)
 
     async def _encode_on(self, worker: Worker, request_id: str,
                          images: Sequence[LoadedImage]) -> list[vpb.EncodeResult]:  # fmt: skip
@@ -219,9 +254,10 @@ class MediaResolver:
                 for group in calls
             ))  # fmt: skip
         except grpc.aio.AioRpcError as exc:
-            status = 503 if exc.code() == grpc.StatusCode.UNAVAILABLE else 500
+            lost = exc.code() == grpc.StatusCode.UNAVAILABLE
+            mark_if_lost(worker, exc)
             message = f"vision worker {worker.worker_id} failed: {exc.code().name}: {exc.details()}"
-            raise SampleError(message, status, 1 if status == 503 else 0) from exc
+            raise SampleError(message, 503 if lost else 500, int(lost), retryable=lost) from exc
         return [result for response in responses for result in response.results]
 
     def _handle(self, image: LoadedImage, result: vpb.EncodeResult) -> vpb.ImageHandle:
@@ -237,7 +273,9 @@ class MediaResolver:
         async def release() -> None:
             try:
                 await worker.stub.Release(vpb.ReleaseRequest(request_id=request_id), timeout=5.0)
-            except grpc.aio.AioRpcError as exc:  # the pins expire on their own
+            # The pins expire on their own. A worker removed from the pool (scaled down past its
+            # drain's grace period) has a closed channel: a UsageError.
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
                 logger.debug("release of %s on %s failed: %s", request_id, worker.address, exc)
 
         task = asyncio.get_running_loop().create_task(release())

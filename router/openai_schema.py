@@ -121,6 +121,37 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Model):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1)
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    # Accepted; the schema is always enforced strictly (xgrammar's strict mode).
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema;
+    the JSON kinds are enforced by constrained decoding in the workers."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a 'json_schema' response_format needs `json_schema` {name, schema}")
+        if self.type == "json_schema" and self.json_schema.schema_ is None:
+            raise ValueError("a 'json_schema' response_format needs `json_schema.schema`")
+        return self
+
+    @property
+    def schema_json(self) -> str:
+        """The schema as JSON text ("" unless `json_schema`); ASCII, so any string travels."""
+        return json.dumps(self.json_schema.schema_) if self.type == "json_schema" else ""
+
+
 class ApiRequest(_Model):
     """Fields and body handling shared by every endpoint that takes a JSON body."""
 
@@ -169,6 +200,13 @@ class GenerationRequest(ApiRequest):
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     user: str | None = None
+    response_format: ResponseFormat | None = None
+
+    @property
+    def grammar_kind(self) -> str:
+        """The constraint's kind ("json_object", "json_schema"); "" for free text."""
+        kind = self.response_format.type if self.response_format else "text"
+        return "" if kind == "text" else kind
 
     @property
     def stop_list(self) -> list[str]:
@@ -199,7 +237,6 @@ class ChatCompletionRequest(GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     @property
     def completion_limit(self) -> int:
@@ -219,14 +256,12 @@ class ChatCompletionRequest(GenerationRequest):
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise invalid_request("`top_logprobs` needs `logprobs` set to true", "top_logprobs")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            message = (
-                f"response_format.type {kind!r} is not supported: this server has no "
-                "constrained decoding yet; only 'text' is"
-            )
-            raise invalid_request(message, "response_format.type")
         self._check_tool_choice()
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if self.grammar_kind and forced:
+            raise invalid_request("response_format cannot be combined with tool_choice "
+                                  "'required' or a named function: both decide the output",
+                                  "response_format")  # fmt: skip
 
     def _check_tool_choice(self) -> None:
         choice = self.tool_choice

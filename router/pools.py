@@ -2,8 +2,11 @@
 
 Workers register with the router (`Control.Register`) and send heartbeats with their load; a
 worker whose heartbeats stop for `lost_after_s` leaves the rotation (state "lost") until it
-beats again. Workers given on the router's command line are static: they never expire. A
-"draining" worker finishes what it has and takes nothing new.
+beats again. Workers given on the router's command line are static: they never expire, but one
+that a call found unreachable is "lost" until its channel connects again (`revive_static`: a
+restart on the same address brings it back). A "draining" worker finishes what it has and takes
+nothing new. Vision workers register too (or are static, from `--vision`); a vision worker's
+`num_pinned` counts the requests whose images it holds for the router, which a drain waits for.
 
 Policies (`--policy`): `round_robin`; `least_load` (fewest requests in flight, then most free
 pages); `prefix_aware` (prefill: the worker that most recently served the longest matching
@@ -43,12 +46,14 @@ class Worker:
     last_heartbeat: float = dataclasses.field(default_factory=time.monotonic)
     num_inflight: int = 0
     num_served: int = 0
+    num_pinned: int = 0  # vision: requests whose embeddings it holds until they end
 
     def info(self) -> ctl.WorkerInfo:
         return ctl.WorkerInfo(
             role=self.role, worker_id=self.worker_id, address=self.address, state=self.state,
             load=self.load, num_inflight=self.num_inflight, num_served=self.num_served,
             seconds_since_heartbeat=time.monotonic() - self.last_heartbeat,
+            num_pinned=self.num_pinned,
         )  # fmt: skip
 
 
@@ -139,6 +144,20 @@ class Pool:
                 worker.state = "lost"
                 lost.append(worker)
         return lost
+
+    def revive_static(self) -> list[Worker]:
+        """Static workers marked lost whose channel is connected again; they are ready now.
+
+        Asking for the state also makes an idle channel reconnect, so polling this is the probe.
+        """
+        revived = []
+        for worker in self._workers.values():
+            if worker.static and worker.state == "lost":
+                connected = worker.channel.get_state(try_to_connect=True)
+                if connected == grpc.ChannelConnectivity.READY:
+                    worker.state = "ready"
+                    revived.append(worker)
+        return revived
 
     def pick(self, prompt_ids: list[int] | None = None, exclude: frozenset[str] = frozenset()
              ) -> Worker | None:  # fmt: skip

@@ -80,6 +80,7 @@ class ChoiceOutput:
         self.max_tool_calls = prompt.max_tool_calls
         self.num_tokens = 0
         self.num_reasoning_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens the prefill worker took from its prefix cache
         self.started_tool_calls: set[int] = set()
         self.finished = False
         self.finish_reason = ""

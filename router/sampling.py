@@ -1,4 +1,5 @@
-"""The router's sampling decisions: defaults for unset fields, limits, stop ids, per-sample seeds.
+"""The router's sampling decisions: defaults for unset fields, limits, stop ids, per-sample seeds,
+the grammar's check and start.
 
 The gateway leaves a sampling field unset when the client did; the router fills it here, so
 workers always receive a `SamplingParams` with every field set.
@@ -13,6 +14,7 @@ from typing import Any
 
 from proto import kimiserve_pb2 as pb
 from router.prompt import InvalidRequest, Prompt, context_length_message
+from shared.grammar import GrammarError, check_spec
 
 INT64_SPAN = 2**64
 INT64_MIN = -(2**63)
@@ -70,6 +72,28 @@ def resolve_sampling(request: pb.GenerateRequest, prompt: Prompt, defaults: Samp
     if not sampling.ignore_eos:
         sampling.stop_token_ids.extend(eos_ids)
     return sampling
+
+
+def resolve_grammar(sampling: pb.SamplingParams, prompt: Prompt, reasoning_end_id: int) -> None:
+    """Checks the request's grammar, once, so a worker never meets one it cannot compile
+    (raises `InvalidRequest` naming `response_format`), and sets where it starts: after the
+    reasoning when the prompt leaves the model inside it, else at the first token."""
+    if not sampling.HasField("grammar"):
+        return
+    grammar = sampling.grammar
+    if prompt.forced_output:
+        message = ("response_format cannot be combined with tool_choice 'required' or a named "
+                   "function: both decide the output")  # fmt: skip
+        raise InvalidRequest(message, "response_format")
+    try:
+        check_spec(grammar.kind, grammar.schema_json)
+    except GrammarError as exc:
+        what = "json_schema.schema" if grammar.kind == "json_schema" else "type"
+        raise InvalidRequest(f"response_format.{what} cannot be enforced: {exc}",
+                             "response_format") from exc  # fmt: skip
+    grammar.ClearField("reasoning_end_token_id")
+    if prompt.thinking:
+        grammar.reasoning_end_token_id = reasoning_end_id
 
 
 def _apply_defaults(sampling: pb.SamplingParams, defaults: SamplingDefaults, instant: bool) -> None:

@@ -24,20 +24,24 @@ from proto import control_pb2_grpc as ctl_grpc
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
 from router.control import ControlServicer, watch_liveness
-from router.lifecycle import SampleError, run_sample
-from router.media import MediaResolver, add_media_arguments, media_from_args
+from router.lifecycle import REQUEST_TIMED_OUT, SampleError, run_sample
+from router.media import LoadedImage, MediaResolver, add_media_arguments, media_from_args
 from router.pools import POLICIES, Pool, make_pools
 from router.postprocess import ChoiceOutput
 from router.prompt import InvalidRequest, Prompt, PromptBuilder
-from router.sampling import SamplingDefaults, for_sample, resolve_sampling
+from router.sampling import SamplingDefaults, for_sample, resolve_grammar, resolve_sampling
 from shared.config import ModelConfig
-from shared.parsers.markers import MarkerTable
+from shared.parsers.markers import Marker, MarkerTable
 from shared.tokenizer import KimiTokenizer
 from shared.wire import GRPC_OPTIONS
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_LENGTH = 32768
+# Seconds from a request's arrival to its end, as SGLang's model gateway defaults to: far beyond
+# any normal answer at the default context length, short enough that a stuck request gives its
+# KV pages back. 0 turns the limit off.
+DEFAULT_REQUEST_TIMEOUT_S = 1800.0
 
 
 def error_proto(status: int, message: str, param: str = "", code: str = "",
@@ -71,7 +75,8 @@ def sampling_request(
 
 class RouterServicer(pb_grpc.RouterServicer):
     def __init__(self, model_path: str, served_model_name: str, prefill: Pool, decode: Pool,
-                 context_length: int, media: MediaResolver) -> None:  # fmt: skip
+                 context_length: int, media: MediaResolver,
+                 request_timeout: float = 0.0) -> None:  # fmt: skip
         self.tokenizer = KimiTokenizer.from_dir(model_path)
         self.markers = MarkerTable.from_tokenizer(self.tokenizer)
         self.prompts = PromptBuilder(model_path, self.tokenizer, context_length)
@@ -80,23 +85,27 @@ class RouterServicer(pb_grpc.RouterServicer):
         self.prefill, self.decode = prefill, decode
         self.context_length = context_length
         self.media = media
+        self.request_timeout = request_timeout  # seconds; 0: no limit
 
     async def Generate(
         self, request: pb.GenerateRequest, context
     ) -> AsyncIterator[pb.GenerateChunk]:
+        """Streams the request's chunks. Past its deadline (`request_timeout` from arrival) the
+        request is aborted at every stage, as if its client had left, and ends with a 504."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout if self.request_timeout > 0 else None
         try:
-            # Rendering and tokenizing take seconds for a prompt of megabytes: off the loop, so
-            # the streams of other requests keep flowing meanwhile.
-            built = await asyncio.to_thread(self.prompts.build, request)
-            prompt, images = await self.media.expand(request, built)
-            sampling = resolve_sampling(request, prompt, self.sampling_defaults,
-                                        self.context_length, self.tokenizer.eos_token_ids)  # fmt: skip
-            prompt = await self.media.encode(request.request_id, prompt, images)
+            async with asyncio.timeout_at(deadline):
+                prompt, images, sampling = await self._prepare(request)
         except InvalidRequest as exc:  # a MediaError too
             yield pb.GenerateChunk(error=invalid(exc))
             return
         except SampleError as exc:  # no vision worker could encode the images
             yield error_chunk(exc.http_status, str(exc), retry_after=exc.retry_after)
+            return
+        except TimeoutError:
+            self.media.release(request.request_id)
+            yield self._timed_out(request.request_id)
             return
         num_samples = max(request.n, 1)
         outputs = [
@@ -108,10 +117,15 @@ class RouterServicer(pb_grpc.RouterServicer):
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [
             asyncio.create_task(
-                self._run_choice(request, prompt, for_sample(sampling, out.index), out, queue)
+                self._run_choice(
+                    request, prompt, images, for_sample(sampling, out.index), out, queue
+                )
             )
             for out in outputs
         ]
+        # The deadline cancels the samples (their worker calls with them) even while this
+        # generator waits for a slow client to take a chunk, so pages come back on time.
+        timer = deadline and loop.call_at(deadline, self._expire, request, tasks, queue)
         try:
             remaining = num_samples
             while remaining:
@@ -126,28 +140,64 @@ class RouterServicer(pb_grpc.RouterServicer):
                 prompt_tokens=len(prompt.token_ids),
                 completion_tokens=sum(o.num_tokens for o in outputs),
                 reasoning_tokens=sum(o.num_reasoning_tokens for o in outputs),
-                cached_tokens=0,  # no prefix cache yet
+                # The prompt is counted once however many samples there are, so is its reuse.
+                cached_tokens=max(o.num_cached_tokens for o in outputs),
             ))  # fmt: skip
         finally:
+            if timer:
+                timer.cancel()
             for task in tasks:
                 task.cancel()
-            self.media.release(request.request_id, prompt)
+            self.media.release(request.request_id)
+
+    async def _prepare(self, request: pb.GenerateRequest
+                       ) -> tuple[Prompt, list[LoadedImage], pb.SamplingParams]:  # fmt: skip
+        """The prompt (images encoded), its loaded images and the resolved sampling."""
+        # Rendering and tokenizing take seconds for a prompt of megabytes: off the loop, so
+        # the streams of other requests keep flowing meanwhile.
+        built = await asyncio.to_thread(self.prompts.build, request)
+        prompt, images = await self.media.expand(request, built)
+        sampling = resolve_sampling(request, prompt, self.sampling_defaults,
+                                    self.context_length, self.tokenizer.eos_token_ids)  # fmt: skip
+        if sampling.HasField("grammar"):  # converting a large schema takes a while: off the loop
+            think_end = self.tokenizer.token_id(Marker.THINK_END.value)
+            await asyncio.to_thread(resolve_grammar, sampling, prompt, think_end)
+        prompt = await self.media.encode(request.request_id, prompt, images)
+        return prompt, images, sampling
+
+    def _timed_out(self, request_id: str) -> pb.GenerateChunk:
+        logger.warning("request %s passed its %g s deadline; aborted", request_id,
+                       self.request_timeout)  # fmt: skip
+        message = (f"the request did not finish within the server's limit of "
+                   f"{self.request_timeout:g} s (--request-timeout) and was aborted")  # fmt: skip
+        return error_chunk(504, message, code="request_timeout")
+
+    def _expire(self, request: pb.GenerateRequest, tasks: list[asyncio.Task],
+                queue: asyncio.Queue) -> None:  # fmt: skip
+        queue.put_nowait(self._timed_out(request.request_id))  # ahead of the samples' ends
+        for task in tasks:
+            task.cancel(REQUEST_TIMED_OUT)
 
     async def _run_choice(self, request: pb.GenerateRequest, prompt: Prompt,
-                          sampling: pb.SamplingParams, out: ChoiceOutput,
-                          queue: asyncio.Queue) -> None:  # fmt: skip
-        """Runs one choice; a worker lost before the first token is retried once."""
+                          images: list[LoadedImage], sampling: pb.SamplingParams,
+                          out: ChoiceOutput, queue: asyncio.Queue) -> None:  # fmt: skip
+        """Runs one choice; a worker lost before the first token is retried once (after encoding
+        the images again when their vision worker was the one lost)."""
         request_id = request.request_id if request.n <= 1 else f"{request.request_id}-{out.index}"
+        images_lost = False
         try:
             if (forced := out.start()) is not None:
                 await queue.put(pb.GenerateChunk(choices=[forced]))
             for attempt in range(2):
                 try:
+                    if images_lost:
+                        prompt = await self.media.encode_again(request.request_id, prompt, images)
                     await self._stream_choice(f"{request_id}{'-retry' * attempt}", prompt,
                                               sampling, out, queue)  # fmt: skip
                     return
                 except SampleError as exc:
                     if attempt == 0 and out.num_tokens == 0 and exc.retryable:
+                        images_lost = exc.images_lost
                         logger.warning("request %s lost its worker before the first token (%s); "
                                        "retrying once", request_id, exc)  # fmt: skip
                         continue
@@ -166,6 +216,7 @@ class RouterServicer(pb_grpc.RouterServicer):
         async for event in run_sample(request_id, prompt.token_ids, sampling,
                                       self.prefill, self.decode, images=prompt.images):  # fmt: skip
             delta = out.on_token(event.token) if event.token else None
+            out.num_cached_tokens = max(out.num_cached_tokens, event.num_cached_tokens)
             if event.finish_reason or out.finished:
                 delta = out.finish(delta, event.finish_reason)
             if delta is not None:
@@ -235,7 +286,7 @@ async def serve(args: argparse.Namespace) -> None:
         config.text.max_position_embeddings, DEFAULT_CONTEXT_LENGTH
     )
     servicer = RouterServicer(args.model_path, args.served_model_name, prefill, decode,
-                              context_length, media)  # fmt: skip
+                              context_length, media, args.request_timeout)  # fmt: skip
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_RouterServicer_to_server(servicer, server)
     ctl_grpc.add_ControlServicer_to_server(ControlServicer(pools, args.heartbeat_interval), server)
@@ -258,6 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill", action="append", default=[], help="prefill worker address")
     parser.add_argument("--decode", action="append", default=[], help="decode worker address")
     parser.add_argument("--context-length", type=int, default=0)
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="seconds a request may take from arrival to its end; 0: no limit",
+    )
     parser.add_argument("--policy", default="round_robin", choices=POLICIES)
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--log-level", default="INFO")

@@ -128,6 +128,9 @@ def _sampling(request: GenerationRequest, max_tokens: int) -> pb.SamplingParams:
         value = getattr(request, name)
         if value is not None:
             setattr(sampling, name, value)
+    if request.grammar_kind:  # the router checks the schema and sets where the grammar starts
+        sampling.grammar.kind = request.grammar_kind
+        sampling.grammar.schema_json = request.response_format.schema_json
     return sampling
 
 

@@ -7,8 +7,9 @@ Contract of `forward(layer, q_lat, q_pe, batch)`:
   - each sequence i attends causally over its first `batch.kv_lens[i]` cached tokens; its
     `batch.q_lens[i]` queries sit at the end of that range,
   - returns o_lat [T, H, r] (to be multiplied by W_UV), in q_lat's dtype.
-The PyTorch backend is the CPU path and the test oracle; a FlashInfer backend on GPU reads the
-same page layout.
+The PyTorch backend is the CPU path and the test oracle; the FlashInfer backend
+(`shared/attention_flashinfer.py`, GPU only) reads the same page layout. `make_attention_backend`
+chooses between them.
 
 Shape letters: T tokens, B sequences, H heads, r kv_lora_rank, R rope dims, P pages of the
 longest page table, S key positions (`P * page_size` when padded).
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Protocol
 
 import torch
 
 from shared.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -137,3 +141,68 @@ class TorchAttentionBackend:
             future = future.triu(diagonal=num_keys - num_queries + 1)
             scores.masked_fill_(future, float("-inf"))
         return torch.matmul(scores.softmax(dim=-1), ckv).transpose(0, 1)  # [t, H, r]
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
+# FlashInfer's MLA kernels read half-precision caches only, and are built and tested for
+# DeepSeek's latent widths (kv_lora_rank 512, rope 64), which Kimi-K2.5 shares.
+_FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
+_FLASHINFER_WIDTHS = (512, 64)
+
+
+def make_attention_backend(
+    cache: KVCache,
+    softmax_scale: float,
+    device: str | torch.device,
+    choice: str = "auto",
+    num_heads: int = 0,
+) -> AttentionBackend:
+    """The attention backend for a cache on `device`.
+
+    `choice` is "torch", "flashinfer" or "auto". "auto" takes FlashInfer when the device is CUDA,
+    the cache is fp16 or bf16 with latent widths (512, 64) and `flashinfer` imports; anything else
+    gets the PyTorch backend.
+    `flashinfer` is imported only on that CUDA branch: it imports on CPU too, but every kernel
+    fails there, so a CPU process must never load it. With `num_heads` (the model's), FlashInfer
+    runs one query first (building its kernels); under "auto" a failure there falls back to the
+    PyTorch backend. "flashinfer" raises when it cannot run.
+    """
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {choice!r}: choose one of {ATTENTION_BACKENDS}")
+    if choice == "torch":
+        return TorchAttentionBackend(cache, softmax_scale)
+    reason = _flashinfer_unusable(cache, torch.device(device))
+    if reason and choice == "flashinfer":
+        raise ValueError(f"the FlashInfer attention backend cannot run: {reason}")
+    if reason:
+        logger.info("attention backend: torch (%s)", reason)
+        return TorchAttentionBackend(cache, softmax_scale)
+    from shared.attention_flashinfer import FlashInferAttentionBackend
+
+    try:
+        backend = FlashInferAttentionBackend(cache, softmax_scale)
+        if num_heads:
+            backend.warm_up(num_heads)
+    except Exception:
+        if choice == "flashinfer":
+            raise
+        logger.exception("attention backend: torch (FlashInfer failed its first call)")
+        return TorchAttentionBackend(cache, softmax_scale)
+    logger.info("attention backend: flashinfer")
+    return backend
+
+
+def _flashinfer_unusable(cache: KVCache, device: torch.device) -> str:
+    """Why FlashInfer cannot serve this cache ("" when it can); imports it only on CUDA."""
+    if device.type != "cuda":
+        return f"device {device.type}"
+    if cache.ckv.dtype not in _FLASHINFER_DTYPES:
+        return f"cache dtype {cache.ckv.dtype} (FlashInfer needs float16 or bfloat16)"
+    widths = (cache.ckv.shape[-1], cache.kpe.shape[-1])
+    if widths != _FLASHINFER_WIDTHS:
+        return f"latent widths {widths} (FlashInfer's MLA kernels take {_FLASHINFER_WIDTHS})"
+    try:
+        import flashinfer.mla  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken CUDA setup found at import
+        return f"flashinfer does not import: {exc}"
+    return ""

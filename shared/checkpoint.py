@@ -5,7 +5,8 @@ with a shared expert and a sigmoid `noaux_tc` router, INT4 pack-quantized routed
 MoonViT-3D tower and patch-merger projector, sharded safetensors with an index, tiktoken
 tokenizer files) at sizes that run on a CPU in milliseconds. Weights are seeded random values,
 scaled so activations stay O(1) through the layers; the same seed gives the same bytes.
-A larger size of the same architecture (`size="bench"`) serves the engine benchmark.
+A larger size of the same architecture (`size="bench"`) serves the engine benchmark, and one with
+Kimi-K2.5's full layer width but few layers and experts (`size="gpu"`) the GPU check.
 """
 
 from __future__ import annotations
@@ -139,6 +140,28 @@ TEXT_SIZES: dict[str, dict[str, Any]] = {
         "n_routed_experts": 64,
         "num_experts_per_tok": 6,
     },
+    # Kimi-K2.5's full layer width (hidden, heads, MLA dims, dense and expert MLP widths) for
+    # the serving run of `bench/gpu_check.sh`. 4 layers (the dense first layer + 3 MoE layers)
+    # and 16 routed experts (8 per token, as the release) give 3.1 G parameters: 6 GB in bf16
+    # per worker on the GPU, 2.9 GiB on disk (INT4 experts). Generating it took 2 minutes and
+    # loading it (INT4 dequantized on the CPU) 2 minutes on a busy 2-core machine. The
+    # release's 384 experts would take 34 GB per MoE layer in bf16 and far longer to generate
+    # and load than the check's 10 minutes allow.
+    "gpu": {
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 64,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 8,
+    },
 }
 
 MEDIA_PROC_CONFIG: dict[str, Any] = {
@@ -161,9 +184,10 @@ MEDIA_PROC_CONFIG: dict[str, Any] = {
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write the tiny checkpoint into `out_dir` (created if needed) and return its path.
 
-    `size` names an entry of `TEXT_SIZES` ("tiny", or the larger "bench"). Files: `config.json`,
-    `generation_config.json`, `preprocessor_config.json`, `model-0000N-of-00002.safetensors`,
-    `model.safetensors.index.json`, and the tokenizer files written by
+    `size` names an entry of `TEXT_SIZES` ("tiny", the larger "bench", or "gpu"). Files:
+    `config.json`, `generation_config.json`, `preprocessor_config.json`,
+    `model-0000N-of-00002.safetensors`, `model.safetensors.index.json`, and the tokenizer files
+    written by
     `shared.tokenizer_train.write_tokenizer_files`. Existing files are overwritten.
     """
     from shared.tokenizer_train import write_tokenizer_files

@@ -8,6 +8,7 @@ FlashInfer's MLA kernels read: `ckv [layers, pages, page_size, kv_lora_rank]` an
 
 from __future__ import annotations
 
+import bisect
 import threading
 
 import torch
@@ -22,38 +23,89 @@ class OutOfPagesError(RuntimeError):
 class PageAllocator:
     """Hands out page ids from a fixed pool; thread-safe.
 
+    Free pages are kept as runs of consecutive ids, in id order. `allocate(n)` takes the first
+    run that holds `n` pages (first fit), else whole runs from the lowest id up, so a request's
+    pages form few runs of consecutive ids: the KV receiver lands such a run without a copy
+    (`shared/kv_layout.py`). Both calls cost O(number of free runs), which stays near the number
+    of live requests.
+
     Invariant: every page is either free or owned by exactly one caller; `free` of a page that
     is already free is a bug and raises.
     """
 
     def __init__(self, num_pages: int) -> None:
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))
-        self._free_set = set(self._free)
+        self._starts = [0] if num_pages else []  # first id of each free run, ascending
+        self._lengths = [num_pages] if num_pages else []
+        self._num_free = num_pages
         self._lock = threading.Lock()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self._num_free
 
     def allocate(self, n: int) -> list[int]:
         with self._lock:
-            if n > len(self._free):
-                raise OutOfPagesError(f"need {n} pages, {len(self._free)} free")
-            pages = [self._free.pop() for _ in range(n)]
-            self._free_set.difference_update(pages)
+            if n > self._num_free:
+                raise OutOfPagesError(f"need {n} pages, {self._num_free} free")
+            for i, length in enumerate(self._lengths):
+                if length >= n:
+                    return self._take(i, n)
+            pages: list[int] = []
+            while len(pages) < n:
+                pages += self._take(0, min(self._lengths[0], n - len(pages)))
             return pages
 
+    def _take(self, i: int, n: int) -> list[int]:
+        """The first `n` pages of free run `i`."""
+        start = self._starts[i]
+        if n == self._lengths[i]:
+            del self._starts[i], self._lengths[i]
+        else:
+            self._starts[i] += n
+            self._lengths[i] -= n
+        self._num_free -= n
+        return list(range(start, start + n))
+
     def free(self, pages: list[int]) -> None:
+        runs = page_runs(sorted(pages))
+        assert len(set(pages)) == len(pages), f"a page of {sorted(pages)} freed twice"
         with self._lock:
-            for page in pages:
-                assert 0 <= page < self.num_pages, f"page {page} out of range"
-                assert page not in self._free_set, f"page {page} freed twice"
-                self._free.append(page)
-                self._free_set.add(page)
+            for start, length in runs:  # all checked before any is returned
+                assert start >= 0 and start + length <= self.num_pages, f"page {start} out of range"
+                i = bisect.bisect_right(self._starts, start)
+                below = i and self._starts[i - 1] + self._lengths[i - 1] > start
+                above = i < len(self._starts) and self._starts[i] < start + length
+                assert not (below or above), f"a page of {start}..{start + length - 1} freed twice"
+            for start, length in runs:
+                self._put(start, length)
+            self._num_free += len(pages)
+
+    def _put(self, start: int, length: int) -> None:
+        """Returns pages [start, start + length), merging with the free runs they touch."""
+        i = bisect.bisect_right(self._starts, start)
+        if i < len(self._starts) and self._starts[i] == start + length:
+            length += self._lengths[i]
+            del self._starts[i], self._lengths[i]
+        if i and self._starts[i - 1] + self._lengths[i - 1] == start:
+            self._lengths[i - 1] += length
+        else:
+            self._starts.insert(i, start)
+            self._lengths.insert(i, length)
+
+
+def page_runs(pages: list[int]) -> list[tuple[int, int]]:
+    """(first id, length) of each maximal run of consecutive ids in `pages`, in order."""
+    runs: list[tuple[int, int]] = []
+    for page in pages:
+        if runs and page == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+    return runs
 
 
 def pages_needed(num_tokens: int, page_size: int) -> int:
@@ -93,6 +145,8 @@ class KVCache:
     def scatter(self, page_ids: list[int], ckv: torch.Tensor, kpe: torch.Tensor) -> None:
         """Writes all layers' latents [L, S, *] of one request into its pages."""
         if self.ckv.is_cuda:  # one kernel for all pages beats one copy per page on a GPU
+            # The KV receiver stages on the host (gloo): upload once, not once per layer.
+            ckv, kpe = ckv.to(self.ckv.device), kpe.to(self.kpe.device)
             slots = slots_for(page_ids, 0, ckv.shape[1], self.page_size).to(self.ckv.device)
             for layer in range(ckv.shape[0]):
                 self.write(layer, slots, ckv[layer], kpe[layer])

@@ -2,17 +2,18 @@
 
 The decode worker reserves pages and publishes a `TransferDescriptor`: its rendezvous address (a
 TCPStore it hosts) and its control address (a ZMQ ROUTER socket). Each (prefill, decode) pair
-builds its own two-rank `torch.distributed` group on first use (gloo on CPU, NCCL on GPU) under a
+builds its own two-rank `torch.distributed` group on first use (gloo, host memory) under a
 fresh `pair_id`; prefill is rank 0, decode rank 1. Control messages travel on ZMQ beside the data,
 and the data of one pair moves in the order of its control messages.
 
-Per request: `KVSender.send` sends a `KVPushMsg`, then the latents [L, S, r+R] on the pair's
-group, then waits for the `KVAckMsg`. A request whose KV fits in one chunk (`chunk_tokens`, about
-`CHUNK_BYTES`) moves as one tensor; a longer one moves chunk by chunk, one message per layer and
-chunk (each a contiguous slice of the sender's tensor, so the sender copies nothing), under
-consecutive tags from `push.tag`. `KVReceiver` looks the request's pages up first, receives into
-staging buffers it keeps per pair, and writes them into the pages; given `page_size`, it writes
-each chunk while the next one is in flight. It then calls `on_done(request_id, push, error)`.
+Per request: `KVSender.send` sends a `KVPushMsg`, then the latents ckv [L, S, r] and kpe
+[L, S, R] on the pair's group, then waits for the `KVAckMsg`. `shared/kv_layout.py` cuts them into
+messages under consecutive tags from `push.tag`: whole for a short request, else in pieces of
+tokens whose messages are per-layer slices of the sender's tensors (no copy). Given the decode
+worker's page table, the pieces follow its runs of consecutive pages, and `KVReceiver` receives
+those straight into its `KVCache` (zero copy); other pieces land in two staging buffers it keeps
+per pair and are scattered into the pages while the next piece is in flight. It then calls
+`on_done(request_id, push, error)`.
 A push for an unknown request is still received in full (the pair's order holds) and acknowledged
 with an error. Every transfer has one deadline; on expiry or a broken peer the request fails on
 both sides and the pair's group is dropped, so the next request rebuilds it.
@@ -35,6 +36,8 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from shared.kv_cache import KVCache
+from shared.kv_layout import check_pieces, direct_views, piece_starts, plan_pieces, send_messages
 from shared.messages import KVAckMsg, KVPushMsg, PairHelloMsg, control_decoder, encoder
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,9 @@ logger = logging.getLogger(__name__)
 # derive the same split from the tensor's layer count, width and dtype.
 CHUNK_BYTES = 64 * 2**20
 _MAX_TAG = 2**31
+# Pieces of one push with receives posted at a time (two of them staged at most): enough to keep
+# the peer sending, few enough that a long fragmented push does not post all its messages.
+_MAX_AHEAD = 4
 
 
 class TransferState(enum.Enum):
@@ -62,15 +68,10 @@ def chunk_tokens(num_layers: int, width: int, dtype: torch.dtype) -> int:
     return 1 << max(0, (CHUNK_BYTES // per_token).bit_length() - 1)
 
 
-def token_ranges(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
-    return [(start, min(start + chunk, num_tokens)) for start in range(0, num_tokens, chunk)]
-
-
 def _remaining(deadline: float) -> datetime.timedelta:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("transfer deadline passed")
-    return datetime.timedelta(seconds=left)
+    # Past the deadline, still wait a moment through gloo: its timeout closes the pair's
+    # connections, so no receive left posted can write into pages freed after the failure.
+    return datetime.timedelta(seconds=max(0.001, deadline - time.monotonic()))
 
 
 def _wait_all(works: list[dist.Work], deadline: float) -> None:
@@ -79,11 +80,15 @@ def _wait_all(works: list[dist.Work], deadline: float) -> None:
 
 
 def _new_group(store: dist.Store, pair_id: str, rank: int, timeout: float) -> dist.ProcessGroup:
+    """The pair's gloo group. Tensors cross it on the host, also between GPU workers.
+
+    Limitation: a GPU prefill worker copies each request's latents to the host, gloo moves them
+    over TCP and the decode worker uploads them again. NCCL would move them GPU to GPU, but two
+    NCCL ranks cannot share one GPU, which is the one-GPU setup `bench/gpu_check.sh` runs; a
+    multi-GPU deployment wants NCCL between distinct GPUs and CUDA IPC on a shared one.
+    """
     prefixed = dist.PrefixStore(f"kv/{pair_id}", store)
-    span = datetime.timedelta(seconds=timeout)
-    if torch.cuda.is_available():
-        return dist.ProcessGroupNCCL(prefixed, rank, 2, dist.ProcessGroupNCCL.Options())
-    return dist.ProcessGroupGloo(prefixed, rank, 2, span)
+    return dist.ProcessGroupGloo(prefixed, rank, 2, datetime.timedelta(seconds=timeout))
 
 
 class _SenderPair:
@@ -111,16 +116,6 @@ class _SenderPair:
 
     def close(self) -> None:
         self.socket.close(0)
-
-
-def _pieces(kv: torch.Tensor) -> list[torch.Tensor]:
-    """The messages of one push, in tag order: [L, S, W] whole, or [S_chunk, W] per chunk, layer."""
-    layers, num_tokens, width = kv.shape
-    chunk = chunk_tokens(layers, width, kv.dtype)
-    if num_tokens <= chunk:
-        return [kv]
-    ranges = token_ranges(num_tokens, chunk)
-    return [kv[layer, start:end] for start, end in ranges for layer in range(layers)]
 
 
 class KVSender:
@@ -158,17 +153,32 @@ class KVSender:
                 del self._pairs[control]
         pair.close()
 
-    def send(self, rendezvous: str, control: str, push: KVPushMsg, kv: torch.Tensor) -> None:
+    def send(
+        self,
+        rendezvous: str,
+        control: str,
+        push: KVPushMsg,
+        ckv: torch.Tensor,
+        kpe: torch.Tensor,
+        pages: list[int] | None = None,
+        page_size: int = 0,
+    ) -> None:
         """Blocks until the decode side acknowledged; raises TransferError on failure or deadline.
 
-        `kv` is [layers, push.num_tokens, r+R] in the receiver's dtype. Pushes to one decode
-        worker are serialised; the deadline (`timeout`) covers the data and the acknowledgement.
+        `ckv` [layers, push.num_tokens, r] and `kpe` [layers, push.num_tokens, R] are in the
+        receiver's dtype, on any device (gloo sends from host memory). `pages` and `page_size`:
+        the decode worker's page table for the request (its `TransferDescriptor`); with them,
+        runs of consecutive pages are received without a copy. Pushes to one decode worker are
+        serialised; the deadline (`timeout`) covers the data and the acknowledgement.
         """
+        assert ckv.shape[:2] == kpe.shape[:2] == (ckv.shape[0], push.num_tokens), ckv.shape
         try:
             pair = self._pair(rendezvous, control)
         except Exception as exc:
             raise TransferError(f"cannot reach decode worker at {control}: {exc}") from exc
-        pieces = _pieces(kv.contiguous())
+        chunk = chunk_tokens(ckv.shape[0], ckv.shape[2] + kpe.shape[2], ckv.dtype)
+        push.pieces = plan_pieces(push.num_tokens, chunk, pages, page_size)
+        pieces = send_messages(ckv.cpu(), kpe.cpu(), push.pieces)
         with pair.lock:
             deadline = time.monotonic() + self.timeout
             push.pair_id, push.tag = pair.pair_id, pair.take_tags(len(pieces))
@@ -196,19 +206,20 @@ class KVSender:
 
 
 class _ReceiverPair:
-    """Decode side of one pair: its inbox of pushes, its group and two reusable staging buffers."""
+    """Decode side of one pair: its inbox of pushes, its group and reusable staging buffers."""
 
     def __init__(self, pair_id: str) -> None:
         self.pair_id = pair_id
         self.inbox: queue.Queue = queue.Queue()
         self.group: dist.ProcessGroup | None = None
-        self._staging: list[torch.Tensor | None] = [None, None]
+        self._staging: list[torch.Tensor | None] = [None] * 4  # ckv and kpe of two pieces
 
     def staging(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A contiguous `shape` view of staging buffer `index`, grown when too small.
 
-        Limitation: a pair keeps two buffers of up to one chunk each (about 2 x 37 MB for
-        Kimi-K2.5's layout) for its lifetime, so memory grows with the number of prefill peers.
+        Limitation: a pair keeps staging for two pieces of up to one chunk each (about 2 x 37 MB
+        for Kimi-K2.5's layout) for its lifetime, so memory grows with the number of prefill
+        peers; a pair whose pushes all land directly allocates none.
         """
         numel = 1
         for size in shape:
@@ -220,22 +231,26 @@ class _ReceiverPair:
 
 
 class _PageWriter:
-    """Writes received token ranges into a request's pages; keeps the first failure."""
+    """Where one push's pieces land in the request's pages; keeps the first failure."""
 
-    def __init__(self, write_pages: Callable, pages: list[int] | None, page_size: int | None):
-        self._write_pages, self.pages, self._page_size = write_pages, pages, page_size
+    def __init__(self, cache: KVCache, pages: list[int] | None):
+        self._cache, self.pages = cache, pages
         self.error = ""
 
-    def write(self, start: int, kv: torch.Tensor) -> None:
-        """kv [L, T, W] holds tokens [start, start + T); `start` is page-aligned."""
+    def direct(self, start: int, end: int) -> list[torch.Tensor] | None:
+        """The cache views that receive piece [start, end), or None: stage it."""
+        return None if self.error else direct_views(self._cache, self.pages, start, end)
+
+    def write(self, start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        """ckv [L, T, r] and kpe [L, T, R] hold tokens [start, start + T) (staged)."""
         if self.pages is None or self.error:
             return  # unknown request, or an earlier write failed: the data is drained
-        pages = self.pages
-        if start:
-            first = start // self._page_size
-            pages = pages[first : first + -(-kv.shape[1] // self._page_size)]
+        size = self._cache.page_size
         try:
-            self._write_pages(pages, kv)
+            if start % size:
+                raise ValueError(f"piece at token {start} starts inside a page")
+            pages = self.pages[start // size : start // size + -(-ckv.shape[1] // size)]
+            self._cache.scatter(pages, ckv, kpe)
         except Exception as exc:  # a bad page table fails the request, not the pair
             logger.exception("writing KV pages failed")
             self.error = f"writing KV pages failed: {exc}"
@@ -246,30 +261,25 @@ class KVReceiver:
 
     `resolve(request_id)` returns the request's page ids, or None when the request is unknown
     (aborted); it is called once per push, before the data arrives, and the pages it returns must
-    stay owned by the request until `on_done`. `write_pages(pages, kv)` copies kv [L, T, r+R],
-    whose token 0 sits at offset 0 of `pages[0]` (kv may be a reused buffer: keep no reference);
-    with `page_size` set it is called once per chunk while the next chunk is in flight, else once
-    per push. `on_done(request_id, push, error)` is
-    called once per push, after its acknowledgement went out; `error` is empty on success.
+    stay owned by the request until `on_done`: pieces on consecutive pages are received straight
+    into them, others are staged and written with `cache.scatter`. `on_done(request_id, push,
+    error)` is called once per push, after its acknowledgement went out; `error` is empty on
+    success. On a failed transfer the request's pages may hold part of the data.
     """
 
     def __init__(
         self,
         host: str,
-        write_pages: Callable[[list[int], torch.Tensor], None],
+        cache: KVCache,
         resolve: Callable[[str], list[int] | None],
         on_done: Callable[[str, KVPushMsg, str], None],
-        kv_shape: tuple[int, int],  # (layers, r+R)
-        dtype: torch.dtype,
         timeout: float,
-        page_size: int | None = None,
     ) -> None:
         self.timeout = timeout
-        self._write_pages, self._resolve, self._on_done = write_pages, resolve, on_done
-        self._kv_shape, self._dtype = kv_shape, dtype
-        self._chunk = chunk_tokens(kv_shape[0], kv_shape[1], dtype)
-        # Chunks are written as they arrive only when chunk boundaries fall on page boundaries.
-        self._page_size = page_size if page_size and self._chunk % page_size == 0 else None
+        self._cache, self._resolve, self._on_done = cache, resolve, on_done
+        # Tokens received straight into the cache and through staging, all pushes so far.
+        self.num_tokens_by_path = {"direct": 0, "staged": 0}
+        self._count_lock = threading.Lock()
         # TCPStore alone listens on every interface; hand it a socket bound to `host` instead.
         self._listener = socket.create_server((host, 0), backlog=128)
         self._store = dist.TCPStore(host, self._listener.getsockname()[1], is_master=True,
@@ -331,8 +341,9 @@ class KVReceiver:
                 continue
             error, broken = self._receive(pair, push)
             self._send_ack(identity, KVAckMsg(push.request_id, error))
-            if broken:
-                self._pairs.pop(pair.pair_id, None)  # the peer rebuilds a fresh pair
+            if broken:  # the peer rebuilds a fresh pair
+                self._pairs.pop(pair.pair_id, None)
+                pair.group = None  # closes its connections before `on_done` frees the pages
             self._on_done(push.request_id, push, error)
             if broken:
                 return
@@ -349,57 +360,61 @@ class KVReceiver:
         """Receives one push into its pages; returns (error, whether the pair is broken)."""
         deadline = time.monotonic() + self.timeout
         pages = self._resolve(push.request_id)
-        writer = _PageWriter(self._write_pages, pages, self._page_size)
+        writer = _PageWriter(self._cache, pages)
         try:
-            if push.num_tokens <= self._chunk:
-                self._receive_whole(pair, push, writer, deadline)
-            elif self._page_size is not None:
-                self._receive_pipelined(pair, push, writer, deadline)
+            check_pieces(push.pieces, push.num_tokens)
+            if push.pieces:
+                self._receive_pieces(pair, push, writer, deadline)
             else:
-                self._receive_chunked(pair, push, writer, deadline)
+                self._receive_whole(pair, push, writer, deadline)
         except Exception as exc:  # the group failed or the deadline passed: the pair is unusable
             return f"KV transfer of {push.request_id} failed: {exc}", True
         if pages is None:
             return f"unknown request {push.request_id} (aborted)", False
         return writer.error, False
 
+    def _count(self, path: str, num_tokens: int) -> None:
+        with self._count_lock:
+            self.num_tokens_by_path[path] += num_tokens
+
     def _recv(self, pair: _ReceiverPair, buf: torch.Tensor, tag: int) -> dist.Work:
         return pair.group.recv([buf], 0, tag % _MAX_TAG)
 
+    def _staging(self, pair: _ReceiverPair, slot: int, num_tokens: int):
+        """Staging ckv [L, T, r] and kpe [L, T, R] for one piece; `slot` 0 or 1."""
+        ckv, kpe = self._cache.ckv, self._cache.kpe
+        return tuple(pair.staging(2 * slot + i, (t.shape[0], num_tokens, t.shape[-1]), t.dtype)
+                     for i, t in enumerate((ckv, kpe)))  # fmt: skip
+
     def _receive_whole(self, pair, push, writer: _PageWriter, deadline: float) -> None:
-        layers, width = self._kv_shape
-        buf = pair.staging(0, (layers, push.num_tokens, width), self._dtype)
-        _wait_all([self._recv(pair, buf, push.tag)], deadline)
-        writer.write(0, buf)
+        ckv, kpe = self._staging(pair, 0, push.num_tokens)
+        _wait_all([self._recv(pair, ckv, push.tag), self._recv(pair, kpe, push.tag + 1)], deadline)
+        self._count("staged", push.num_tokens)
+        writer.write(0, ckv, kpe)
 
-    def _receive_pipelined(self, pair, push, writer: _PageWriter, deadline: float) -> None:
-        """Chunk i+1 lands in one staging buffer while chunk i is written from the other.
-
-        Two chunks are always posted ahead, so the sender never waits for a receive to be posted.
-        """
-        layers, width = self._kv_shape
-        ranges = token_ranges(push.num_tokens, self._chunk)
-
-        def post(index: int) -> tuple[list[dist.Work], torch.Tensor]:
-            start, end = ranges[index]
-            buf = pair.staging(index % 2, (layers, end - start, width), self._dtype)
-            tag = push.tag + index * layers
-            return [self._recv(pair, buf[layer], tag + layer) for layer in range(layers)], buf
-
-        pending = collections.deque(post(index) for index in range(min(2, len(ranges))))
-        for index, (start, _) in enumerate(ranges):
-            works, buf = pending.popleft()
+    def _receive_pieces(self, pair, push, writer: _PageWriter, deadline: float) -> None:
+        """Pieces land in the cache, or in one of two staging slots and are written from there
+        while the next ones arrive. Receives are posted `_MAX_AHEAD` pieces ahead, so the sender
+        seldom waits for a receive to be posted."""
+        pieces, layers = piece_starts(push.pieces), self._cache.ckv.shape[0]
+        pending: collections.deque = collections.deque()  # (works, piece, staging or None)
+        posted = num_staged = 0
+        while posted < len(pieces) or pending:
+            while posted < len(pieces) and len(pending) < _MAX_AHEAD:
+                start, end = pieces[posted]
+                staged, views = None, writer.direct(start, end)
+                if views is None:
+                    if sum(entry[2] is not None for entry in pending) == 2:
+                        break  # both slots are in flight
+                    staged = self._staging(pair, num_staged % 2, end - start)
+                    views = [t[layer] for layer in range(layers) for t in staged]
+                    num_staged += 1
+                tag = push.tag + 2 * layers * posted
+                works = [self._recv(pair, view, tag + i) for i, view in enumerate(views)]
+                pending.append((works, (start, end), staged))
+                posted += 1
+            works, (start, end), staged = pending.popleft()
             _wait_all(works, deadline)
-            writer.write(start, buf)
-            if index + 2 < len(ranges):
-                pending.append(post(index + 2))
-
-    def _receive_chunked(self, pair, push, writer: _PageWriter, deadline: float) -> None:
-        """Without a page size, chunks land in one full-size buffer written once at the end."""
-        layers, width = self._kv_shape
-        buf = torch.empty(layers, push.num_tokens, width, dtype=self._dtype)
-        ranges = token_ranges(push.num_tokens, self._chunk)
-        works = [self._recv(pair, buf[layer, start:end], push.tag + index * layers + layer)
-                 for index, (start, end) in enumerate(ranges) for layer in range(layers)]  # fmt: skip
-        _wait_all(works, deadline)
-        writer.write(0, buf)
+            self._count("direct" if staged is None else "staged", end - start)
+            if staged is not None:
+                writer.write(start, *staged)

@@ -13,7 +13,7 @@ class PairHelloMsg(msgspec.Struct, tag=True):
 
 
 class KVPushMsg(msgspec.Struct, tag=True):
-    """Prefill -> decode: the KV of `request_id` follows on the pair's group with `tag`."""
+    """Prefill -> decode: the KV of `request_id` follows on the pair's group from `tag` on."""
 
     pair_id: str
     request_id: str
@@ -22,6 +22,8 @@ class KVPushMsg(msgspec.Struct, tag=True):
     first_token: int
     first_logprob: float
     first_top_logprobs: list[tuple[int, float]] = []
+    # Token ends of the pieces the KV moves in (`shared/kv_layout.py`); empty: whole, 2 messages.
+    pieces: list[int] = []
 
 
 class KVAckMsg(msgspec.Struct, tag=True):

@@ -27,6 +27,7 @@ def load_of(status) -> ctl.WorkerLoad:
         num_total_pages=status.num_total_pages,
         num_running=status.num_running,
         num_waiting=status.num_waiting,
+        num_cached_pages=status.num_cached_pages,
     )
 
 

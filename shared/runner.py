@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from shared.attention import ForwardBatch, TorchAttentionBackend
+from shared.attention import ForwardBatch, make_attention_backend
 from shared.kv_cache import KVCache, PageAllocator, pages_needed, slots_for
 from shared.model.text import KimiTextModel
 
@@ -30,7 +30,12 @@ class SeqStep:
 
 class ModelRunner:
     def __init__(
-        self, model: KimiTextModel, num_pages: int, page_size: int, device: str = "cpu"
+        self,
+        model: KimiTextModel,
+        num_pages: int,
+        page_size: int,
+        device: str = "cpu",
+        attention_backend: str = "auto",  # "auto", "torch" or "flashinfer" (make_attention_backend)
     ) -> None:
         self.model = model
         self.page_size = page_size
@@ -38,7 +43,10 @@ class ModelRunner:
         dtype = model.embed_tokens.weight.dtype
         self.cache = KVCache(model.config, num_pages, page_size, dtype, device)
         self.allocator = PageAllocator(num_pages)
-        self.backend = TorchAttentionBackend(self.cache, model.config.softmax_scale)
+        self.backend = make_attention_backend(
+            self.cache, model.config.softmax_scale, device, attention_backend,
+            model.config.num_attention_heads,
+        )  # fmt: skip
 
     def ensure_pages(self, page_table: list[int], num_tokens: int) -> None:
         """Grows `page_table` in place to hold `num_tokens` tokens (raises when out of pages)."""

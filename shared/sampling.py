@@ -1,15 +1,32 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p, penalties, seeds, logprobs.
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, penalties, seeds, logprobs, grammars.
 
 A seeded request draws step `i` from a generator seeded with `(seed, i)`, so its tokens depend
 only on the seed and the position, not on batching or on which worker samples.
+
+A request with a grammar (`SamplingConfig.grammar`, `shared/grammar.py`) brings its
+`GrammarState`: its row's logits are masked after the penalties, before greedy or random
+choice. Log-probabilities are always those of the raw logits, as without a grammar.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from shared.grammar import GrammarState
+
+
+@dataclasses.dataclass(frozen=True)
+class GrammarSpec:
+    """What the output must follow (`response_format`); compiled by `shared.grammar`."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: str = ""  # the JSON schema as text, for "json_schema"
+    reasoning_end_id: int | None = None  # set: free text up to and including this token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +40,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     seed: int | None = None
     top_logprobs: int = 0
+    grammar: GrammarSpec | None = None
 
     @property
     def greedy(self) -> bool:
@@ -52,14 +70,17 @@ def apply_penalties(
 ) -> torch.Tensor:
     """Penalised copy of one row of logits [V]."""
     if cfg.repetition_penalty != 1.0 and (prompt_ids or output_ids):
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = torch.tensor(
+            sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device
+        )
         values = logits[seen]
         logits = logits.clone()
         logits[seen] = torch.where(
             values > 0, values / cfg.repetition_penalty, values * cfg.repetition_penalty
         )
     if output_ids and (cfg.presence_penalty or cfg.frequency_penalty):
-        counts = torch.bincount(torch.tensor(output_ids), minlength=logits.shape[-1]).float()
+        ids = torch.tensor(output_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[-1]).float()
         logits = logits - cfg.frequency_penalty * counts
         logits = logits - cfg.presence_penalty * (counts > 0).float()
     return logits
@@ -71,10 +92,14 @@ def sample_one(
     step: int,
     prompt_ids: list[int] = (),
     output_ids: list[int] = (),
+    grammar: GrammarState | None = None,
 ) -> Sampled:
-    """Samples from one row of float32 logits [V]; `step` is the index of the output token."""
+    """Samples from one row of float32 logits [V]; `step` is the index of the output token.
+    With `grammar`, only tokens it allows can be chosen (the state is not advanced here)."""
     logprobs = logits.log_softmax(-1)
     logits = apply_penalties(logits, list(prompt_ids), list(output_ids), cfg)
+    if grammar is not None:
+        logits = grammar.mask(logits)
     if cfg.greedy:
         token = int(logits.argmax())
     else:
@@ -97,12 +122,16 @@ def sample_batch(
     steps: Sequence[int],
     prompt_ids: Sequence[list[int]],
     output_ids: Sequence[list[int]],
+    grammars: Sequence[GrammarState | None] | None = None,
 ) -> list[Sampled]:
     """Samples one token per row of float32 logits [B, V]; row i gives exactly what
-    `sample_one(logits[i], configs[i], steps[i], prompt_ids[i], output_ids[i])` gives.
+    `sample_one(logits[i], configs[i], steps[i], prompt_ids[i], output_ids[i], grammars[i])`
+    gives.
 
-    Plain greedy rows share one batched argmax and log-softmax; other rows go one by one."""
-    plain = [cfg.plain_greedy for cfg in configs]
+    Plain greedy rows without a grammar share one batched argmax and log-softmax; other rows go
+    one by one. A batch without grammars does no grammar work at all."""
+    grammars = grammars or [None] * len(configs)
+    plain = [cfg.plain_greedy and grammar is None for cfg, grammar in zip(configs, grammars)]
     tokens: list[int] = []
     chosen: list[float] = []
     if any(plain):
@@ -114,7 +143,9 @@ def sample_batch(
         if plain[i]:
             out.append(Sampled(tokens[i], chosen[i], []))
         else:
-            out.append(sample_one(logits[i], cfg, steps[i], prompt_ids[i], output_ids[i]))
+            out.append(
+                sample_one(logits[i], cfg, steps[i], prompt_ids[i], output_ids[i], grammars[i])
+            )
     return out
 
 

@@ -28,14 +28,20 @@ class WorkerConfig:
     num_pages: int = 2048
     page_size: int = 16
     kv_transfer_timeout: float = 30.0
+    # Decode: host memory for the latents of requests preempted when the page pool runs dry;
+    # -1: as many bytes as the page pool; 0: no swapping (such requests end with an error).
+    swap_space_bytes: int = -1
     ep_size: int = 1  # expert parallelism: ranks of this decode worker
     ep_rank: int = 0
     ep_rendezvous: str = ""  # host:port where rank 0 hosts the worker's group store
     expert_placement: str = ""  # JSON list expert -> rank; "" = round robin
     expert_stats: bool = False  # decode: count tokens per expert, sent with the heartbeat
     fault_kv_delay: float = 0.0  # fault tests only: seconds between KV control and data
+    prefix_cache: bool = True  # prefill: reuse the KV pages of cached prompt prefixes
     router_address: str = ""  # register with this router and send heartbeats ("" = static)
     dtype: str = "float32"
+    device: str = "cpu"  # where the model and its KV cache live: "cpu", "cuda", "cuda:1", ...
+    attention_backend: str = "auto"  # "torch", "flashinfer", or "auto" (FlashInfer on CUDA)
     log_level: str = "INFO"
 
 
@@ -51,6 +57,7 @@ class VisionWorkerConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     dtype: str = "float32"
     log_level: str = "INFO"
+    router_address: str = ""  # register with this router and send heartbeats ("" = static)
 
 
 @dataclasses.dataclass(frozen=True)

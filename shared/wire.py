@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proto import kimiserve_pb2 as pb
-from shared.sampling import Sampled, SamplingConfig
+from shared.sampling import GrammarSpec, Sampled, SamplingConfig
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -25,7 +25,13 @@ def sampling_from_proto(params: pb.SamplingParams) -> SamplingConfig:
         repetition_penalty=params.repetition_penalty or 1.0,
         seed=params.seed if params.HasField("seed") else None,
         top_logprobs=params.top_logprobs if params.logprobs else 0,
+        grammar=grammar_from_proto(params.grammar) if params.HasField("grammar") else None,
     )
+
+
+def grammar_from_proto(grammar: pb.Grammar) -> GrammarSpec:
+    end = grammar.reasoning_end_token_id if grammar.HasField("reasoning_end_token_id") else None
+    return GrammarSpec(grammar.kind, grammar.schema_json, end)
 
 
 def token_to_proto(sampled: Sampled) -> pb.TokenOutput:

@@ -184,6 +184,20 @@ MESSAGE = (
     )
     | ANY_JSON
 )
+# Shapes of `response_format`, with schemas xgrammar refuses (the router's 400), odd ones it
+# takes (the workers constrain those), and random JSON.
+SCHEMAS = st.sampled_from([
+    {"type": "wizard"}, {"$ref": "#"}, {"type": "string", "pattern": "[a-"}, {"enum": []},
+    {"type": "string", "minLength": 10**9}, {"not": {}}, {"anyOf": []}, {}, True, False,
+    {"type": "object", "properties": {"a": {"$ref": "#"}}},
+    {"type": "array", "minItems": 3, "maxItems": 1}, {"const": "\x00"},
+]) | ANY_JSON  # fmt: skip
+RESPONSE_FORMAT = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "json_object", "json_schema"]) | ODD_TEXT},
+    optional={"json_schema": st.fixed_dictionaries(
+        {}, optional={"name": NAMES, "schema": SCHEMAS, "strict": st.booleans() | ANY_JSON}
+    ) | ANY_JSON},
+)  # fmt: skip
 CHAT_BODY = st.builds(
     lambda required, optional, unknown: {**unknown, **required, **optional},
     st.fixed_dictionaries({"messages": st.lists(MESSAGE, min_size=1, max_size=4) | ANY_JSON}),
@@ -202,7 +216,7 @@ CHAT_BODY = st.builds(
                 st.sampled_from([True, False, "true", "off", "maybe", None, 1]),
                 max_size=2,
             ) | ANY_JSON,
-            "response_format": st.fixed_dictionaries({"type": ODD_TEXT}) | ANY_JSON,
+            "response_format": RESPONSE_FORMAT | ANY_JSON,
             "extra_body": st.fixed_dictionaries({}, optional=SAMPLING) | ANY_JSON,
         },
     ),

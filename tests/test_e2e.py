@@ -8,7 +8,7 @@ import subprocess
 import grpc
 import openai
 import pytest
-from stack_utils import router_address, start_stack
+from stack_utils import curl_chat, router_address, start_stack
 
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
@@ -98,27 +98,45 @@ def test_disaggregation_matches_single_process(stack, tiny_checkpoint):
     channel.close()
 
 
-def test_deployment_guide_request(stack):
-    """The deployment guide's text example, as curl sends it."""
-    body = (
-        '{"model":"moonshotai/Kimi-K2.5","messages":[{"role":"system","content":"You are a '
-        'helpful assistant."},{"role":"user","content":"Explain mixture-of-experts in one '
-        'sentence."}],"max_tokens":256}'
-    )
-    out = subprocess.run(
-        ["curl", "-s", "-w", "\n%{http_code}", f"{stack.base_url}/v1/chat/completions",
-         "-H", "Content-Type: application/json", "-d", body],
-        capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
-    payload, status = out.stdout.rsplit("\n", 1)
-    assert status == "200", payload
-    import json
+# The model card's "6. Model Usage" section (`simple_chat`, `chat_with_image`; the video example is
+# for Moonshot's own API only): https://huggingface.co/moonshotai/Kimi-K2.5#6-model-usage, mirrored
+# at https://github.com/WolframRavenwolf/Kimi-K2.5/blob/main/README.md. Its examples are Python
+# openai calls; these are the JSON bodies that client sends for them (extra_body merged into the
+# top level), sent with curl.
+GUIDE_TEXT_THINKING = (
+    '{"messages": [{"role": "system", "content": "You are Kimi, an AI assistant created by '
+    'Moonshot AI."}, {"role": "user", "content": [{"type": "text", "text": "which one is bigger, '
+    '9.11 or 9.9? think carefully."}]}], "model": "moonshotai/Kimi-K2.5", "max_tokens": 4096, '
+    '"stream": false}'
+)
+# The Instant-mode call with the card's line "for vLLM/SGLang":
+# extra_body={'chat_template_kwargs': {"thinking": False}}.
+GUIDE_TEXT_INSTANT = GUIDE_TEXT_THINKING[:-1] + ', "chat_template_kwargs": {"thinking": false}}'
 
-    data = json.loads(payload)
-    message = data["choices"][0]["message"]
-    assert message["role"] == "assistant"
-    assert (message.get("reasoning_content") or "") + (message.get("content") or "")
-    assert data["usage"]["prompt_tokens"] > 0 and data["usage"]["completion_tokens"] > 0
+
+def test_deployment_guide_request(stack):
+    """The card's `simple_chat` in Thinking mode (the default): reasoning in `reasoning_content`,
+    the prompt ending in `<think>`."""
+    data = curl_chat(stack.base_url, GUIDE_TEXT_THINKING)
+    choice, usage = data["choices"][0], data["usage"]
+    assert data["object"] == "chat.completion" and data["model"] == MODEL
+    assert choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in ("stop", "length") and usage["completion_tokens"] <= 4096
+    assert choice["message"]["reasoning_content"]  # random weights, but thinking comes first
+    assert usage["completion_tokens_details"]["reasoning_tokens"] > 0
+    instant = curl_chat(stack.base_url, GUIDE_TEXT_INSTANT)
+    assert usage["prompt_tokens"] == instant["usage"]["prompt_tokens"] - 1  # `<think>` only
+
+
+def test_deployment_guide_instant_request(stack):
+    """The card's `simple_chat` in Instant mode: the prompt closes the reasoning
+    (`<think></think>`), so everything is `content` and no token counts as reasoning."""
+    data = curl_chat(stack.base_url, GUIDE_TEXT_INSTANT)
+    message, usage = data["choices"][0]["message"], data["usage"]
+    assert message["role"] == "assistant" and message["content"]
+    assert not message.get("reasoning_content")
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 0
+    assert 0 < usage["completion_tokens"] <= 4096
 
 
 def test_each_role_is_its_own_process(stack):

@@ -10,7 +10,15 @@ import time
 import openai
 import pytest
 from stack_utils import start_stack
-from test_faults import _assert_pages_back, _chat, _client, _status, _until_served
+from test_faults import (
+    _assert_no_orphans,
+    _assert_pages_back,
+    _chat,
+    _client,
+    _status,
+    _until_served,
+    _wait_router_state,
+)
 
 DEADLINE = 5.0
 DELAY = 3.0  # the prefill side pauses this long between the KV control message and the data
@@ -53,7 +61,9 @@ def test_k50_prefill_killed_mid_transfer(stack):
     _until_served(stack)  # builds the pair once (slow first request)
     thread, outcome = _request_in_background(stack)
     _wait_transferring(stack)
+    pid = stack.child("prefill-0").process.pid
     stack.kill("prefill-0")
+    _assert_no_orphans([pid])
     thread.join(60)
     assert isinstance(outcome[0], openai.APIStatusError), outcome
     assert outcome[0].status_code >= 500
@@ -65,6 +75,7 @@ def test_k50_prefill_killed_mid_transfer(stack):
         decode = _status(stack, "decode-0")
     stack.restart("prefill-0")
     _until_served(stack)
+    _wait_router_state(stack, "prefill-0", "ready")
     _assert_pages_back(stack)
 
 
@@ -72,11 +83,14 @@ def test_decode_killed_mid_transfer(stack):
     _until_served(stack)
     thread, outcome = _request_in_background(stack)
     _wait_transferring(stack)
+    pid = stack.child("decode-0").process.pid
     stack.kill("decode-0")
+    _assert_no_orphans([pid])
     thread.join(60)
     assert isinstance(outcome[0], openai.APIStatusError), outcome
     prefill = _status(stack, "prefill-0")
     assert prefill.num_free_pages == prefill.num_total_pages
     stack.restart("decode-0")
     _until_served(stack)
+    _wait_router_state(stack, "decode-0", "ready")
     _assert_pages_back(stack)

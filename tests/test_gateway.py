@@ -421,6 +421,28 @@ def test_messages_and_sampling_translate_to_the_wire(router, gateway):
     assert sampling.repetition_penalty == pytest.approx(1.1)
 
 
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions"])
+def test_response_format_travels_as_the_grammar(router, gateway, path):
+    """`text` sends no grammar; the JSON kinds send theirs, the schema as ASCII JSON text (the
+    router checks it and decides where it starts)."""
+    schema = {"type": "object", "properties": {"city": {"enum": ["Łódź"]}}, "required": ["city"]}
+    formats = [
+        {"type": "text"},
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}},
+    ]
+    base = chat_body() if path == CHAT else {"model": MODEL, "prompt": "Once upon"}
+    for response_format in formats:
+        assert post(gateway, {**base, "response_format": response_format}, path).status_code == 200
+    text, json_object, json_schema = (r.sampling for r in router.requests)
+    assert not text.HasField("grammar")
+    assert (json_object.grammar.kind, json_object.grammar.schema_json) == ("json_object", "")
+    assert json_schema.grammar.kind == "json_schema"
+    assert json.loads(json_schema.grammar.schema_json) == schema
+    assert json_schema.grammar.schema_json.isascii()
+    assert not json_schema.grammar.HasField("reasoning_end_token_id")
+
+
 # ---------------------------------------------------------------- text completions
 
 
@@ -492,7 +514,24 @@ def user(content):
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"tools": [{"type": "function"}]}, "tools[0].function"),
-        ({"response_format": {"type": "json_object"}}, "response_format.type"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+        ),
+        (
+            {
+                "response_format": {"type": "json_object"},
+                "tool_choice": "required",
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+            },
+            "response_format",
+        ),
     ],
 )
 def test_invalid_chat_requests_are_400_naming_the_field(router, gateway, fields, param):

@@ -12,6 +12,7 @@ Expected placeholder counts come from the K2.5 resize rule (spec section 6.2): p
 from __future__ import annotations
 
 import base64
+import json
 import time
 
 import grpc
@@ -21,7 +22,7 @@ import pytest
 import torch
 from image_utils import ImageServer, data_url, encode, natural_photo_jpeg, png_bomb
 from PIL import Image, ImageDraw
-from stack_utils import router_address, start_stack
+from stack_utils import curl_chat, router_address, start_stack
 
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
@@ -172,6 +173,26 @@ def test_same_image_twice_is_encoded_once(stack, client, count_text):
     assert after_two.num_cached_images >= 1 and after_two.cache_bytes > 0
 
 
+def test_prefix_cache_tells_images_apart(client, tiny_checkpoint):
+    """The prefill worker's prefix cache keys an image's placeholders by the image's content: a
+    prompt with another image at the same place reuses only the pages before the image."""
+    text = {"type": "text", "text": "Which colour fills this picture, exactly? " * 3}
+    red, blue = (encode(Image.new("RGB", (200, 150), c), "PNG") for c in ("#c81e1e", "#1e1ec8"))
+    tokenizer = KimiTokenizer.from_dir(tiny_checkpoint)
+    template = (tiny_checkpoint / "chat_template.jinja").read_text()
+    pad = ModelConfig.from_dir(tiny_checkpoint).media_placeholder_token_id
+    hi = tokenizer.encode(render_chat(template, [{"role": "user", "content": "Hi"}]))
+    messages = [{"role": "user", "content": [text, _url_part("x")]}]
+    prompt = expand_placeholders(tokenizer.encode(render_chat(template, messages)), [48], pad)
+    header = next(i for i, (a, b) in enumerate(zip(hi, prompt)) if a != b)  # the system part
+    _chat(client, [{"type": "text", "text": "Hi"}], max_tokens=1)  # caches the system part
+    usages = [_chat(client, [text, _image_part(image)]).usage for image in (red, blue, red)]
+    assert [u.prompt_tokens for u in usages] == [len(prompt)] * 3
+    cached = [u.prompt_tokens_details.cached_tokens for u in usages]
+    image_start = prompt.index(pad)
+    assert cached == [header // 16 * 16, image_start // 16 * 16, (len(prompt) - 1) // 16 * 16]
+
+
 def test_image_fetched_from_an_allowed_local_url(client, count_text, image_server):
     url = f"http://localhost:{image_server.port}/photo.jpg"
     content = [{"type": "text", "text": "What is this?"}, _url_part(url)]
@@ -276,9 +297,13 @@ def test_more_images_than_the_limit(stack, client):
 
 
 def test_deployment_guide_image_example(stack, client):
-    """The model card's `chat_with_image`: its public URL is refused here before any lookup or
-    connection (only localhost is allowed), quickly and clearly; the guide's own form, the image
-    as a base64 data URL (with its space after the comma), is served, in both modes."""
+    """The model card's `chat_with_image`
+    (https://huggingface.co/moonshotai/Kimi-K2.5#6-model-usage, mirrored at
+    https://github.com/WolframRavenwolf/Kimi-K2.5/blob/main/README.md): its public URL is
+    refused here before any lookup or connection (only localhost is allowed), quickly and
+    clearly; the guide's own form, the image as a base64 data URL (with its space after the
+    comma), is served in both modes, sent with curl as the JSON body the card's openai calls send
+    (the card downloads its logo; a logo drawn here stands in for it, with no network)."""
     messages = [
         {
             "role": "user",
@@ -297,17 +322,20 @@ def test_deployment_guide_image_example(stack, client):
     )
     image_base64 = base64.b64encode(_logo_png()).decode()
     messages[0]["content"][1]["image_url"]["url"] = f"data:image/png;base64, {image_base64}"
-    # Limitation of this test: 16 tokens instead of the guide's 8192 and 4096, to stay fast.
-    thinking = client.chat.completions.create(model=MODEL, messages=messages, stream=False,
-                                              max_tokens=16)  # fmt: skip
-    instant = client.chat.completions.create(
-        model=MODEL, messages=messages, stream=False, max_tokens=16,
-        extra_body={"chat_template_kwargs": {"thinking": False}},
-    )  # fmt: skip
-    for response in (thinking, instant):
-        assert response.choices[0].message.role == "assistant"
-        assert response.usage.completion_tokens > 0
-    assert thinking.usage.prompt_tokens > 90  # the logo's 90 placeholders are in the prompt
+    body = {"messages": messages, "model": MODEL, "stream": False}
+    thinking = curl_chat(stack.base_url, json.dumps({**body, "max_tokens": 8192}))
+    # The Instant-mode call with the card's line "for vLLM/SGLang".
+    instant_kwargs = {"chat_template_kwargs": {"thinking": False}}
+    instant = curl_chat(stack.base_url, json.dumps({**body, "max_tokens": 4096, **instant_kwargs}))
+    for data, limit in ((thinking, 8192), (instant, 4096)):
+        assert data["choices"][0]["message"]["role"] == "assistant"
+        assert 0 < data["usage"]["completion_tokens"] <= limit
+    assert thinking["choices"][0]["message"]["reasoning_content"]
+    assert thinking["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
+    assert not instant["choices"][0]["message"].get("reasoning_content")
+    assert instant["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    assert thinking["usage"]["prompt_tokens"] > 90  # the logo's 90 placeholders are in the prompt
+    assert thinking["usage"]["prompt_tokens"] == instant["usage"]["prompt_tokens"] - 1
     _still_serving(stack, client)
 
 

@@ -5,7 +5,9 @@ process to push that request's KV. Each prefill process sends from several threa
 `KVSender`; each decode process hosts real `KVReceiver`s writing into a `KVCache` whose pages come
 from a `PageAllocator`. The sender derives a request's KV from a seed per request id; the decode
 side hashes the request's pages in `on_done`, frees them and reports the hash, so every page is
-checked bit for bit against what was sent.
+checked bit for bit against what was sent. A reservation may rearrange the request's page table
+(`arrange`), so pieces land straight in the cache (runs of consecutive pages), through staging
+(a fragmented table) or both.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from shared.checkpoint import TEXT_CONFIG
 from shared.config import ModelConfig
 from shared.kv_cache import KVCache, PageAllocator, pages_needed
+from shared.kv_layout import MIN_DIRECT_TOKENS
 from shared.kv_transfer import KVReceiver, KVSender, TransferError, chunk_tokens
 from shared.messages import KVPushMsg
 
@@ -35,11 +38,8 @@ PAGE_SIZE = 16
 DTYPE = torch.bfloat16
 TIMEOUT = 20.0
 NUM_SENDER_THREADS = 4
-# cache kind -> (layers, kv_lora_rank, rope_dim, pages)
+# cache kind (one receiver each) -> (layers, kv_lora_rank, rope_dim, pages)
 KINDS = {"small": (3, 16, 8, 400), "kimi": (61, 512, 64, 160)}
-# receiver -> (cache kind, page_size given to the receiver: None writes each push once)
-RECEIVERS = {"small": ("small", PAGE_SIZE), "kimi": ("kimi", PAGE_SIZE),
-             "kimi_unpaged": ("kimi", None)}  # fmt: skip
 
 
 def kv_for(request_id: str, num_tokens: int, layers: int, width: int) -> torch.Tensor:
@@ -53,8 +53,26 @@ def digest(kv: torch.Tensor) -> str:
 
 
 def width_of(receiver: str) -> tuple[int, int]:
-    layers, rank, rope, _ = KINDS[RECEIVERS[receiver][0]]
+    layers, rank, rope, _ = KINDS[receiver]
     return layers, rank + rope
+
+
+def arrange(pages: list[int], layout: str) -> list[int]:
+    """A request's page table from the pages the allocator gave it (consecutive ids here).
+
+    "allocator": as given; "shuffled": no two neighbours consecutive, every piece is staged;
+    "mixed": runs of 20, 1, 3 and 17 pages, in reverse order, so pieces of both kinds alternate.
+    """
+    if layout == "shuffled":
+        return pages[::2] + pages[1::2]
+    if layout == "mixed":
+        runs, start = [], 0
+        while start < len(pages):
+            size = (20, 1, 3, 17)[len(runs) % 4]
+            runs.append(pages[start : start + size])
+            start += size
+        return [page for run in reversed(runs) for page in run]
+    return pages
 
 
 # ---------------------------------------------------------------- prefill process
@@ -67,11 +85,12 @@ def prefill_node(index: int, commands: mp.Queue, results: mp.Queue) -> None:
 
     def work() -> None:
         while (command := commands.get()) is not None:
-            request_id, num_tokens, layers, width, rendezvous, control = command
+            request_id, num_tokens, layers, (rank, rope), rendezvous, control, pages = command
             push = KVPushMsg(pair_id="", request_id=request_id, num_tokens=num_tokens, tag=0,
                              first_token=0, first_logprob=0.0)  # fmt: skip
+            ckv, kpe = kv_for(request_id, num_tokens, layers, rank + rope).split([rank, rope], -1)
             try:
-                sender.send(rendezvous, control, push, kv_for(request_id, *command[1:4]))
+                sender.send(rendezvous, control, push, ckv, kpe, pages, PAGE_SIZE)
                 results.put(("sent", request_id, ""))
             except TransferError as exc:
                 results.put(("sent", request_id, str(exc) or "TransferError"))
@@ -108,34 +127,22 @@ class DecodeNode:
                                          qk_rope_head_dim=rope)  # fmt: skip
             self.caches[kind] = KVCache(config, num_pages, PAGE_SIZE, DTYPE, "cpu")
             self.allocators[kind] = PageAllocator(num_pages)
-        self.receivers = {name: self._receiver(*spec) for name, spec in RECEIVERS.items()}
-
-    def _receiver(self, kind: str, page_size: int | None) -> KVReceiver:
-        layers, rank, rope, _ = KINDS[kind]
-        cache = self.caches[kind]
-        return KVReceiver(
-            host=HOST,
-            write_pages=lambda pages, kv: cache.scatter(pages, *kv.split([rank, rope], -1)),
-            resolve=self.resolve,
-            on_done=self.on_done,
-            kv_shape=(layers, rank + rope),
-            dtype=DTYPE,
-            timeout=TIMEOUT,
-            page_size=page_size,
-        )
+        self.receivers = {kind: KVReceiver(HOST, cache, self.resolve, self.on_done, TIMEOUT)
+                          for kind, cache in self.caches.items()}  # fmt: skip
 
     def addresses(self) -> dict[str, tuple[str, str]]:
         return {name: (r.rendezvous_address, r.control_address)
                 for name, r in self.receivers.items()}  # fmt: skip
 
-    def reserve(self, kind: str, request_id: str, num_tokens: int) -> bool:
+    def reserve(self, kind: str, request_id: str, num_tokens: int, layout: str) -> list | None:
+        """The request's page table, or None when the pages run short."""
         allocator = self.allocators[kind]
         with self.lock:
             if not allocator.can_allocate(pages_needed(num_tokens, PAGE_SIZE)):
-                return False
-            pages = allocator.allocate(pages_needed(num_tokens, PAGE_SIZE))
+                return None
+            pages = arrange(allocator.allocate(pages_needed(num_tokens, PAGE_SIZE)), layout)
             self.owned[request_id] = (kind, pages, num_tokens)
-        return True
+        return pages
 
     def resolve(self, request_id: str) -> list[int] | None:
         with self.lock:
@@ -156,7 +163,8 @@ class DecodeNode:
     def status(self) -> dict:
         pair_threads = sum(t.name.startswith("kv-pair-") for t in threading.enumerate())
         return {"num_free": {k: a.num_free for k, a in self.allocators.items()},
-                "pair_threads": pair_threads}  # fmt: skip
+                "pair_threads": pair_threads,
+                "by_path": {k: dict(r.num_tokens_by_path) for k, r in self.receivers.items()}}  # fmt: skip
 
 
 def decode_node(conn, results: mp.Queue) -> None:
@@ -216,18 +224,22 @@ class Cluster:
             if process.is_alive():
                 process.kill()
 
-    def reserve(self, decode: int, receiver: str, request_id: str, num_tokens: int) -> bool:
-        self.conns[decode].send(("reserve", RECEIVERS[receiver][0], request_id, num_tokens))
+    def reserve(self, decode: int, receiver: str, request_id: str, num_tokens: int,
+                layout: str = "allocator") -> list[int] | None:  # fmt: skip
+        self.conns[decode].send(("reserve", receiver, request_id, num_tokens, layout))
         return self.conns[decode].recv()
 
     def status(self, decode: int) -> dict:
         self.conns[decode].send(("status",))
         return self.conns[decode].recv()
 
-    def send(self, prefill: int, decode: int, receiver: str, request_id: str, tokens: int) -> None:
-        layers, width = width_of(receiver)
+    def send(self, prefill: int, decode: int, receiver: str, request_id: str, tokens: int,
+             pages: list[int] | None = None) -> None:  # fmt: skip
+        """Asks a prefill process to push; `pages`: the page table it is told (None: none)."""
+        layers, rank, rope, _ = KINDS[receiver]
         rendezvous, control = self.addresses[decode][receiver]
-        self.commands[prefill].put((request_id, tokens, layers, width, rendezvous, control))
+        self.commands[prefill].put((request_id, tokens, layers, (rank, rope), rendezvous, control,
+                                    pages))  # fmt: skip
 
     def poll(self, timeout: float) -> None:
         """Records the next report from either side."""
@@ -249,10 +261,11 @@ class Cluster:
         outcome = self.outcomes.get(request_id)
         return outcome is not None and None not in (outcome.sent_error, outcome.done_error)
 
-    def transfer(self, prefill: int, decode: int, receiver: str, request_id: str,
-                 tokens: int) -> None:  # fmt: skip
-        assert self.reserve(decode, receiver, request_id, tokens)
-        self.send(prefill, decode, receiver, request_id, tokens)
+    def transfer(self, prefill: int, decode: int, receiver: str, request_id: str, tokens: int,
+                 layout: str = "allocator", tell_pages: bool = True) -> None:  # fmt: skip
+        pages = self.reserve(decode, receiver, request_id, tokens, layout)
+        assert pages is not None
+        self.send(prefill, decode, receiver, request_id, tokens, pages if tell_pages else None)
 
 
 @pytest.fixture(scope="module")
@@ -277,28 +290,68 @@ def test_concurrent_pushes_on_four_pairs_arrive_bit_for_bit(cluster: Cluster) ->
     while waiting:  # pages run short on purpose: a reservation waits for a finished request
         i, (request_id, tokens) = waiting[0]
         prefill, decode = i % 2, (i // 2) % 2
-        if not cluster.reserve(decode, "small", request_id, tokens):
+        pages = cluster.reserve(
+            decode, "small", request_id, tokens, ("allocator", "shuffled")[i % 2]
+        )
+        if pages is None:
             cluster.poll(timeout=TIMEOUT)
             continue
         waiting.popleft()
-        cluster.send(prefill, decode, "small", request_id, tokens)
+        cluster.send(prefill, decode, "small", request_id, tokens, pages)
 
     assert_intact(cluster.wait(list(sizes)), sizes, "small")
     assert [cluster.status(d)["num_free"] for d in range(2)] == start
 
 
-@pytest.mark.parametrize("receiver", ["kimi", "kimi_unpaged"])
-def test_multi_chunk_pushes_in_kimi_layout_arrive_bit_for_bit(cluster: Cluster, receiver) -> None:
-    chunk = chunk_tokens(*width_of(receiver), DTYPE)
-    start = [cluster.status(d)["num_free"] for d in range(2)]
-    # Several chunks, a ragged last chunk and a last page that is not full; all four pairs.
-    sizes = {f"{receiver}-{i}": n for i, n in enumerate([2 * chunk + 77, chunk + 1, 2 * chunk])}
-    sizes[f"{receiver}-3"] = chunk + 5
-    for i, (request_id, tokens) in enumerate(sizes.items()):
-        cluster.transfer(i % 2, (i // 2) % 2, receiver, request_id, tokens)
+def tokens_by_path(cluster: Cluster, receiver: str) -> dict[str, int]:
+    """Tokens both decode processes' `receiver` landed directly and through staging so far."""
+    paths = [cluster.status(d)["by_path"][receiver] for d in range(2)]
+    return {path: sum(p[path] for p in paths) for path in ("direct", "staged")}
 
-    assert_intact(cluster.wait(list(sizes)), sizes, receiver)
+
+# page table layout, whether the sender is told the table -> which paths the receiver takes
+CASES = {
+    "runs": ("allocator", True, {"direct"}),
+    "fragmented": ("shuffled", True, {"direct", "staged"}),  # direct: one-page pieces only
+    "mixed": ("mixed", True, {"direct", "staged"}),
+    "untold": ("allocator", False, {"direct"}),  # chunks cut blind still land on the runs
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_multi_chunk_pushes_in_kimi_layout_arrive_bit_for_bit(cluster: Cluster, case) -> None:
+    layout, tell_pages, paths = CASES[case]
+    chunk = chunk_tokens(*width_of("kimi"), DTYPE)
+    start, by_path = (
+        [cluster.status(d)["num_free"] for d in range(2)],
+        tokens_by_path(cluster, "kimi"),
+    )
+    # Several chunks, a ragged last chunk and a last page that is not full; all four pairs.
+    sizes = {f"{case}-{i}": n for i, n in enumerate([2 * chunk + 77, chunk + 1, 2 * chunk])}
+    sizes[f"{case}-3"] = chunk + 5
+    for i, (request_id, tokens) in enumerate(sizes.items()):
+        cluster.transfer(i % 2, (i // 2) % 2, "kimi", request_id, tokens, layout, tell_pages)
+
+    assert_intact(cluster.wait(list(sizes)), sizes, "kimi")
     assert [cluster.status(d)["num_free"] for d in range(2)] == start
+    moved = {k: v - by_path[k] for k, v in tokens_by_path(cluster, "kimi").items()}
+    assert {path for path, n in moved.items() if n} == paths, moved
+    assert sum(moved.values()) == sum(sizes.values())
+    if case == "fragmented":  # the one-page last chunks of chunk + 1 and chunk + 5 tokens
+        assert moved["direct"] == 1 + 5
+
+
+def test_a_stale_page_table_still_arrives_bit_for_bit(cluster: Cluster) -> None:
+    """The sender cuts along runs it was told of; the receiver's own table is fragmented."""
+    by_path = tokens_by_path(cluster, "kimi")
+    sizes = {"stale-0": 3 * MIN_DIRECT_TOKENS + 9, "stale-1": 40}
+    for request_id, tokens in sizes.items():
+        pages = cluster.reserve(0, "kimi", request_id, tokens, "shuffled")
+        cluster.send(0, 0, "kimi", request_id, tokens, sorted(pages))
+
+    assert_intact(cluster.wait(list(sizes)), sizes, "kimi")
+    moved = {k: v - by_path[k] for k, v in tokens_by_path(cluster, "kimi").items()}
+    assert moved == {"direct": 0, "staged": sum(sizes.values())}
 
 
 @pytest.mark.parametrize(("receiver", "tokens"), [("small", 200), ("kimi", 1100)])

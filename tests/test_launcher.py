@@ -53,7 +53,7 @@ def test_up_serves_and_ctrl_c_leaves_no_orphan(tiny_checkpoint):
             ["decode-0", "decode", "ready"],
             ["prefill-0", "prefill", "ready"],
             ["prefill-1", "prefill", "ready"],
-            ["vision-static-0", "vision", "ready"],
+            ["vision-0", "vision", "ready"],
         ], status
         children = _children(up.pid)
         assert len(children) == 6  # vision, decode, 2 prefill, router, gateway

@@ -25,6 +25,7 @@ from PIL import Image
 from proto import kimiserve_pb2 as pb
 from proto import vision_pb2 as vpb
 from proto import vision_pb2_grpc as vpb_grpc
+from router.lifecycle import SampleError
 from router.media import (
     MediaError,
     MediaResolver,
@@ -33,6 +34,7 @@ from router.media import (
     image_parts,
 )
 from router.media_fetch import UrlFetcher, address_kind
+from router.pools import Pool
 from router.prompt import Prompt
 from shared.image_processing import ImageProcessingConfig, num_image_tokens, process_image_bytes
 from shared.settings import MediaConfig, VisionWorkerConfig
@@ -135,10 +137,11 @@ class _FakeVisionStub:
 class _FakePool:
     def __init__(self) -> None:
         self.worker = types.SimpleNamespace(worker_id="vision-0", address="127.0.0.1:1",
-                                            num_inflight=0, stub=_FakeVisionStub())  # fmt: skip
+                                            num_inflight=0, num_served=0, num_pinned=0,
+                                            stub=_FakeVisionStub())  # fmt: skip
         self.workers = [self.worker]
 
-    def pick(self):
+    def pick(self, prompt_ids=None, exclude=frozenset()):
         return self.worker
 
 
@@ -158,7 +161,7 @@ def test_k30_two_images_reach_the_encoder_in_prompt_order():
     async def scenario():
         expanded, images = await resolver.expand(request, prompt)
         encoded = await resolver.encode("k30", expanded, images)
-        resolver.release("k30", encoded)
+        resolver.release("k30")
         await asyncio.sleep(0.05)
         return expanded, encoded
 
@@ -169,6 +172,45 @@ def test_k30_two_images_reach_the_encoder_in_prompt_order():
     assert [h.num_tokens for h in encoded.images.images] == [8, 1]
     assert encoded.images.vision_address == "127.0.0.1:1"
     assert pool.worker.stub.released == ["k30"]
+
+
+class _DeadVisionStub(_FakeVisionStub):
+    async def Encode(self, request, timeout=None):
+        self.requests.append(request)
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(), "Socket closed")  # fmt: skip
+
+
+def test_a_lost_vision_worker_is_replaced_once_then_503():
+    """The first pick is unreachable: it leaves the rotation and the images go to the other
+    worker; with no other worker left, the request is a 503 naming the problem."""
+    request = pb.GenerateRequest(request_id="lost", messages=[pb.ChatMessage(role="user", parts=[
+        pb.ContentPart(type="image_url", image_url=data_url(encode(Image.new("RGB", (28, 28))))),
+    ])])  # fmt: skip
+
+    async def scenario():
+        pool = Pool("vision", vpb_grpc.VisionWorkerStub)
+        dead = pool.add("vision-static-0", "127.0.0.1:1", static=True)
+        spare = pool.add("vision-static-1", "127.0.0.1:2", static=True)
+        dead.stub, spare.stub = _DeadVisionStub(), _FakeVisionStub()
+        resolver = MediaResolver(MediaConfig(), ImageProcessingConfig(), pad_id=9, vision=pool)
+        expanded, images = await resolver.expand(request, Prompt(token_ids=[1, 9]))
+        encoded = await resolver.encode("lost", expanded, images)
+        states = (dead.state, spare.state)
+        again = await resolver.encode_again("lost", encoded, images)  # excludes the spare, but
+        pool.remove("vision-static-1")  # the dead one is lost: the spare encodes again
+        with pytest.raises(SampleError) as err:
+            await resolver.encode("lost-2", expanded, images)
+        resolver.release("lost")
+        await asyncio.sleep(0.05)
+        await pool.close()
+        return encoded, again, states, err.value, dead.stub, spare.stub
+
+    encoded, again, states, error, dead, spare = _run(scenario())
+    assert encoded.images.vision_address == again.images.vision_address == "127.0.0.1:2"
+    assert states == ("lost", "ready") and len(dead.requests) == 1 and len(spare.requests) == 2
+    assert error.http_status == 503 and "no vision worker is available" in str(error)
+    assert spare.released == ["lost"]  # once, though it encoded the request twice
 
 
 def test_too_many_images_and_a_model_without_vision():
@@ -514,7 +556,8 @@ def test_prefill_fetches_embeddings_by_handle_and_splices_them(vision_model, tin
         missing = vpb.ImageRefs(vision_address=refs.vision_address, images=[gone])
         with pytest.raises(VisionFetchError) as error:
             client.prompt_embeds(missing, [pad])
-        assert error.value.code == grpc.StatusCode.NOT_FOUND
+        assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION  # encode them again
+        assert "NOT_FOUND" in str(error.value)
     finally:
         grpc_server.stop(None)
 

@@ -43,17 +43,17 @@ def test_scale_up_and_down_while_serving(tiny_checkpoint):
         for thread in threads:
             thread.start()
         time.sleep(2)
-        assert stack.scale({"prefill": 3, "decode": 2}) == {"prefill": 3, "decode": 2}
+        assert stack.scale({"prefill": 3, "decode": 2}) == {"vision": 1, "prefill": 3, "decode": 2}
         time.sleep(6)
         up = _workers(stack)
         assert {w.worker_id for w in up.values() if w.state == "ready"} == {
             "prefill-0", "prefill-1", "prefill-2", "decode-0", "decode-1",
-            "vision-static-0"}  # fmt: skip
+            "vision-0"}  # fmt: skip
         for new in ("prefill-1", "prefill-2", "decode-1"):
             assert up[new].num_served > 0, f"{new} took no traffic"
-        assert stack.scale({"prefill": 1, "decode": 1}) == {"prefill": 1, "decode": 1}
+        assert stack.scale({"prefill": 1, "decode": 1}) == {"vision": 1, "prefill": 1, "decode": 1}
         time.sleep(2)
-        assert set(_workers(stack)) == {"prefill-0", "decode-0", "vision-static-0"}
+        assert set(_workers(stack)) == {"prefill-0", "decode-0", "vision-0"}
     finally:
         stop.set()
         for thread in threads:

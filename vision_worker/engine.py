@@ -92,6 +92,7 @@ class VisionEngine:
         self.max_pixels = max_pixels
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._pending: list[_Job] = []
+        self.num_running = 0  # images in the encoder pass now (read by heartbeats)
         self._thread = threading.Thread(target=self._loop, name="vision-engine", daemon=True)
 
     def start(self) -> None:
@@ -161,6 +162,7 @@ class VisionEngine:
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
+            self.num_running = len(batch)
             try:
                 self._run(batch)
             except Exception as exc:  # a failed batch fails its images, not the worker
@@ -168,6 +170,7 @@ class VisionEngine:
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
+            self.num_running = 0
 
     def _run(self, batch: list[_Job]) -> None:
         unique: dict[str, _Job] = {}

@@ -4,6 +4,12 @@
 image that cannot be decoded; the embeddings stay here, pinned for the request until `Release`.
 `Fetch` streams embeddings by handle to the prefill worker; `Status` reports the cache.
 
+With `--router-address` the worker registers with the router as a "vision" worker before it
+reports ready, and its heartbeats carry its load (`load_of_vision`): images encoding and queued,
+and the cache's bytes, images, hits and misses. Without it, the router must be given its address
+(`--vision`). Leaving is the router's business: it drains the worker (no new encodes, and the
+images it holds stay fetchable until their requests end) before the launcher stops it.
+
 `python -m vision_worker.server --model-path DIR --worker-id vision-0 --port 0` prints
 `READY <port>` on stdout once it serves.
 """
@@ -18,10 +24,12 @@ from concurrent import futures
 import grpc
 import torch
 
+from proto import control_pb2 as ctl
 from proto import vision_pb2 as vpb
 from proto import vision_pb2_grpc as vpb_grpc
 from shared.image_processing import ImageProcessingConfig
 from shared.model.vision import load_vision_model
+from shared.registration import register_and_beat
 from shared.settings import VisionWorkerConfig, parse_config
 from shared.wire import GRPC_OPTIONS
 from vision_worker.cache import EmbeddingCache
@@ -46,6 +54,8 @@ class VisionServicer(vpb_grpc.VisionWorkerServicer):
         except Exception as exc:  # the encoder pass failed: a server error, not a bad image
             logger.exception("encode for %s failed", request.request_id)
             context.abort(grpc.StatusCode.INTERNAL, f"the vision encoder failed: {exc}")
+        if not context.is_active():  # the router gave up meanwhile; its Release may be past
+            self.cache.release(request.request_id)
         return vpb.EncodeResponse(results=[
             vpb.EncodeResult(error=r.error) if r.error else
             vpb.EncodeResult(handle=vpb.ImageHandle(content_hash=r.content_hash,
@@ -81,6 +91,19 @@ class VisionServicer(vpb_grpc.VisionWorkerServicer):
         )
 
 
+def load_of_vision(engine: VisionEngine) -> ctl.WorkerLoad:
+    """The vision worker's load for its heartbeat."""
+    stats = engine.cache.stats()
+    return ctl.WorkerLoad(
+        num_running=engine.num_running,
+        num_waiting=engine.num_waiting,
+        cache_bytes=stats.num_bytes,
+        num_cached_images=stats.num_entries,
+        num_cache_hits=stats.num_hits,
+        num_cache_misses=stats.num_misses,
+    )
+
+
 def _image_input(image: vpb.ImageInput) -> ImageInput:
     if image.HasField("decoded"):
         d = image.decoded
@@ -113,6 +136,9 @@ def serve(config: VisionWorkerConfig) -> None:
     server.start()
     logger.info("vision worker %s ready on %s:%d (cache %d bytes)", config.worker_id,
                 config.host, port, config.max_cache_bytes)  # fmt: skip
+    if config.router_address:
+        register_and_beat(config.router_address, "vision", config.worker_id,
+                          f"{config.host}:{port}", lambda: load_of_vision(engine))  # fmt: skip
     sys.stdout.write(f"READY {port}\n")
     sys.stdout.flush()
     server.wait_for_termination()
