@@ -7,8 +7,8 @@ the tokenizer's vocabulary (`GrammarCache`, an LRU by spec) and keeps one `Gramm
 request, which masks a row of logits before sampling and advances with every emitted token.
 
 Reasoning comes first: with `reasoning_end_id` set, the output is free text up to and including
-that token (`</think>`), and only then does the grammar apply. After the grammar has ended (the
-matcher accepted a stop token), only the stop tokens are allowed.
+that token (`</think>`), and only then does the grammar apply. Where the grammar has ended, or
+cannot go on (a schema that admits nothing more), only the request's stop tokens are allowed.
 
 xgrammar imports transformers (about a second), so it is imported on first use: a worker that
 never sees a constrained request never pays for it.

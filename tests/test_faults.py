@@ -276,7 +276,7 @@ def _stop_and_kill(stack, name: str, num_requests: int, first_seed: int) -> tupl
     """Freezes the vision worker, sends image requests until the router has `num_requests`
     waiting on it (round robin sends the others to the other worker, if ready), then SIGKILLs
     it. Returns its pid and the outcomes once every request ended."""
-    child, worker_id = stack.child(name), name.replace("-", "-static-")
+    child, worker_id = stack.child(name), name
     outcomes: list = []
     child.signal(signal.SIGSTOP)
     threads = []
@@ -311,7 +311,7 @@ def test_vision_killed_retries_elsewhere_then_503_and_recovers(stack):
         pid0, outcomes = _stop_and_kill(stack, "vision-0", 2, first_seed=1)
         assert all(not isinstance(o, Exception) and o.usage.completion_tokens == 4
                    for o in outcomes), outcomes  # fmt: skip
-        assert _router_workers(stack)["vision-static-0"].state == "lost"
+        assert _router_workers(stack)["vision-0"].state == "lost"
 
         pid1, outcomes = _stop_and_kill(stack, "vision-1", 2, first_seed=50)
         _image_chat(stack, 99, outcomes)  # and one sent after: none is left
@@ -330,7 +330,7 @@ def test_vision_killed_retries_elsewhere_then_503_and_recovers(stack):
     for name in ("vision-0", "vision-1"):
         started = time.monotonic()
         stack.restart(name)
-        _wait_router_state(stack, name.replace("-", "-static-"), "ready")
+        _wait_router_state(stack, name, "ready")
         print(f"{name} restarted and back in rotation in {time.monotonic() - started:.1f} s")
     outcomes = []
     for seed in (0, 200, 201):  # a cached image would not reach the restarted workers
@@ -370,4 +370,4 @@ def test_vision_lost_between_encode_and_prefill_is_encoded_again(stack):
     _assert_no_orphans([pid])
     _assert_pages_back(stack)
     stack.restart(pinned[0])
-    _wait_router_state(stack, pinned[0].replace("-", "-static-"), "ready")
+    _wait_router_state(stack, pinned[0], "ready")
