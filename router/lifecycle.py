@@ -78,30 +78,12 @@ async def run_sample(
 
     `exclude` names workers to avoid when others are ready (a retry after a lost worker).
     """
-    prefill = prefill_pool.pick(prompt_ids, exclude)
-    if prefill is None:
-        raise SampleError("no prefill worker is available; retry later", 503, 1)
-    # Counted from the pick on, so that a burst whose reservations are still pending spreads.
-    prefill.num_inflight += 1
-    decode_req = pb.DecodeRequest(
-        request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling
-    )
     timer = metrics.SampleTimer(len(prompt_ids))
-    try:
-        decode, stream, first = await _reserve(decode_pool, decode_req, exclude)
-    except BaseException:
-        _release(prefill)
-        raise
+    prefill, decode, stream, first = await _place(
+        request_id, prompt_ids, sampling, prefill_pool, decode_pool, exclude
+    )
     timer.reserved()
-    colocated = prefill_pool.get(decode.worker_id)  # prefills into its own pages: no transfer
-    if colocated is not None and colocated.state == "ready" and colocated is not prefill:
-        _release(prefill)
-        prefill = colocated
-        prefill.num_inflight += 1
     prefill_call = None
-    decode.num_inflight += 1
-    for worker in (decode, prefill):
-        worker.num_served += 1
     try:
         prefill_req = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                                         sampling=sampling, destination=first.reservation,
@@ -109,20 +91,8 @@ async def run_sample(
         prefill_call = asyncio.ensure_future(prefill.stub.Prefill(prefill_req))
         prefill_call.add_done_callback(lambda _: _release(prefill))
         prefill_call.add_done_callback(lambda f: _observe_prefill(f, timer))
-        first_token = True
-        while True:
-            chunk = await _read_or_fail(stream, prefill_call)
-            if chunk.HasField("token"):
-                timer.token()
-                cached = await _cached_tokens(prefill_call) if first_token else 0
-                first_token = False
-                yield TokenEvent(chunk.token, num_cached_tokens=cached)
-            if chunk.finish_reason:
-                if chunk.finish_reason == "error":
-                    raise SampleError(f"decode worker failed the request: {chunk.error}", 500)
-                timer.finished(chunk.finish_reason)
-                yield TokenEvent(None, chunk.finish_reason)
-                return
+        async for event in _decode_events(stream, prefill_call, timer):
+            yield event
     except (asyncio.CancelledError, GeneratorExit) as exc:
         # The router cancels with REQUEST_TIMED_OUT when the request's deadline passes.
         reason = "timeout" if REQUEST_TIMED_OUT in exc.args else "client"
@@ -147,6 +117,61 @@ async def run_sample(
         stream.cancel()
         if prefill_call is not None and not prefill_call.done():
             prefill_call.cancel()
+
+
+async def _place(
+    request_id: str,
+    prompt_ids: list[int],
+    sampling: pb.SamplingParams,
+    prefill_pool: Pool,
+    decode_pool: Pool,
+    exclude: frozenset[str],
+):
+    """Picks the prefill worker and reserves pages on a decode worker; both count the request
+    in flight from here. Returns the prefill worker, the decode worker, its stream and the
+    stream's first message (the reservation)."""
+    prefill = prefill_pool.pick(prompt_ids, exclude)
+    if prefill is None:
+        raise SampleError("no prefill worker is available; retry later", 503, 1)
+    # Counted from the pick on, so that a burst whose reservations are still pending spreads.
+    prefill.num_inflight += 1
+    decode_req = pb.DecodeRequest(
+        request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling
+    )
+    try:
+        decode, stream, first = await _reserve(decode_pool, decode_req, exclude)
+    except BaseException:
+        _release(prefill)
+        raise
+    colocated = prefill_pool.get(decode.worker_id)  # prefills into its own pages: no transfer
+    if colocated is not None and colocated.state == "ready" and colocated is not prefill:
+        _release(prefill)
+        prefill = colocated
+        prefill.num_inflight += 1
+    decode.num_inflight += 1
+    for worker in (decode, prefill):
+        worker.num_served += 1
+    return prefill, decode, stream, first
+
+
+async def _decode_events(stream, prefill_call: asyncio.Future, timer: metrics.SampleTimer
+                         ) -> AsyncIterator[TokenEvent]:  # fmt: skip
+    """The decode stream's tokens, then its finish; the first token's event carries the
+    prefill's prefix-cache count."""
+    first_token = True
+    while True:
+        chunk = await _read_or_fail(stream, prefill_call)
+        if chunk.HasField("token"):
+            timer.token()
+            cached = await _cached_tokens(prefill_call) if first_token else 0
+            first_token = False
+            yield TokenEvent(chunk.token, num_cached_tokens=cached)
+        if chunk.finish_reason:
+            if chunk.finish_reason == "error":
+                raise SampleError(f"decode worker failed the request: {chunk.error}", 500)
+            timer.finished(chunk.finish_reason)
+            yield TokenEvent(None, chunk.finish_reason)
+            return
 
 
 async def _reserve(pool: Pool, request: pb.DecodeRequest, exclude: frozenset[str]):

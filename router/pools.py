@@ -15,6 +15,7 @@ prompt prefix, else least load; decode: least load).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import itertools
@@ -105,6 +106,7 @@ class Pool:
         self._turn = itertools.count()
         self.prefixes = PrefixIndex()
         self.num_queued = 0  # samples waiting for a worker of this pool to have room
+        self._closing: set[asyncio.Task] = set()  # channels of replaced workers, closing
 
     @property
     def workers(self) -> list[Worker]:
@@ -114,14 +116,26 @@ class Pool:
         return self._workers.get(worker_id)
 
     def add(self, worker_id: str, address: str, static: bool = False) -> Worker:
+        """Adds a worker, or takes back one registering again (a new process) at its old
+        address, keeping its counts."""
         old = self._workers.get(worker_id)
         if old is not None and old.address == address:
+            # The old channel may be waiting out a reconnect backoff after the old process died,
+            # failing calls at once for seconds more: the new process gets a channel of its own.
+            self._close_later(old.channel)
+            old.channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            old.stub = self.stub_class(old.channel)
             old.state, old.last_heartbeat = "ready", time.monotonic()
             return old
         channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
         worker = Worker(self.role, worker_id, address, channel, self.stub_class(channel), static)
         self._workers[worker_id] = worker
         return worker
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def remove(self, worker_id: str) -> Worker | None:
         return self._workers.pop(worker_id, None)
