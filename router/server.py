@@ -273,6 +273,12 @@ class RouterServicer(pb_grpc.RouterServicer):
                 statuses.append(status)
             ready = ready and any(s.state == "ready" for s in statuses)
             pools.append(pb.PoolStatus(role=pool.role, workers=statuses))
+        vision = self.media.vision
+        if vision.workers:  # a text-only deployment runs no vision pool and needs none
+            statuses = [pb.WorkerStatus(worker_id=w.worker_id, role=w.role, address=w.address,
+                                        state=w.state) for w in vision.workers]  # fmt: skip
+            ready = ready and any(s.state == "ready" for s in statuses)
+            pools.append(pb.PoolStatus(role="vision", workers=statuses))
         return pb.HealthResponse(ready=ready, pools=pools, model_name=self.served_model_name,
                                  max_context_length=self.context_length)  # fmt: skip
 

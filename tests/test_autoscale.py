@@ -40,18 +40,20 @@ def test_burst_grows_the_prefill_pool_and_idleness_shrinks_it(tiny_checkpoint):
             sizes.append(len(stack.workers("prefill")))
             time.sleep(0.2)
 
-    def request() -> None:
+    def request(i: int) -> None:
+        # Each prompt its own from the first token: a shared prefix would be served from the
+        # prefill worker's prefix cache, and no queue would build.
         client.chat.completions.create(
             model="moonshotai/Kimi-K2.5", max_tokens=2,
-            messages=[{"role": "user", "content": "count the words " * 300}],
+            messages=[{"role": "user", "content": f"{i}: " + "count the words " * 300}],
         )  # fmt: skip
 
     watcher = threading.Thread(target=watch)
     try:
         stack.start_autoscaler()
         watcher.start()
-        for _ in range(3):  # three waves of a burst
-            burst = [threading.Thread(target=request) for _ in range(12)]
+        for wave in range(3):  # three waves of a burst
+            burst = [threading.Thread(target=request, args=(12 * wave + i,)) for i in range(12)]
             for thread in burst:
                 thread.start()
             for thread in burst:

@@ -238,9 +238,11 @@ def test_prefill_killed_then_restarted(stack):
     _assert_pages_back(stack)
 
 
-def _image_chat(stack, seed: int, outcomes: list, max_tokens: int = 4, stream: bool = False):
+def _image_chat(stack, seed: int, outcomes: list, max_tokens: int = 4, stream: bool = False,
+                on_first_token=None):  # fmt: skip
     """A chat about a photo of its own (so the vision worker encodes it); appends the reply (the
-    finish reason when streaming) or the error to `outcomes`."""
+    finish reason when streaming) or the error to `outcomes`. A stream calls `on_first_token`
+    when its first token arrives (its image was encoded and prefilled by then)."""
     image = {
         "type": "image_url",
         "image_url": {"url": data_url(natural_photo_jpeg(96, 64, seed), "image/jpeg")},
@@ -248,7 +250,18 @@ def _image_chat(stack, seed: int, outcomes: list, max_tokens: int = 4, stream: b
     content = [{"type": "text", "text": "What is it?"}, image]  # fmt: skip
     try:
         reply = _chat(_client(stack), content, max_tokens=max_tokens, stream=stream)
-        outcomes.append([c.choices[0].finish_reason for c in reply][-1] if stream else reply)
+        if not stream:
+            outcomes.append(reply)
+            return
+        finish, waiting_for_text = "", on_first_token is not None
+        for chunk in reply:
+            delta = chunk.choices[0].delta
+            text = delta.content or (delta.model_extra or {}).get("reasoning_content")
+            if waiting_for_text and text:
+                on_first_token()
+                waiting_for_text = False
+            finish = chunk.choices[0].finish_reason or finish
+        outcomes.append(finish)
     except openai.APIError as exc:
         outcomes.append(exc)
 
@@ -306,8 +319,11 @@ def test_vision_killed_retries_elsewhere_then_503_and_recovers(stack):
     done = threading.Event()
     image_streams: list = []
     with _short_streams(stack, lambda: not done.is_set()) as text_results:
-        streaming = [_in_background(_image_chat, stack, 100 + k, image_streams, 60, True)
-                     for k in range(2)]  # fmt: skip
+        flowing = threading.Semaphore(0)
+        streaming = [_in_background(_image_chat, stack, 100 + k, image_streams, 60, True,
+                                    flowing.release) for k in range(2)]  # fmt: skip
+        for _ in streaming:  # both images encoded and prefilled before any vision worker dies
+            assert flowing.acquire(timeout=60), "an image stream never started"
         pid0, outcomes = _stop_and_kill(stack, "vision-0", 2, first_seed=1)
         assert all(not isinstance(o, Exception) and o.usage.completion_tokens == 4
                    for o in outcomes), outcomes  # fmt: skip
@@ -326,12 +342,16 @@ def test_vision_killed_retries_elsewhere_then_503_and_recovers(stack):
     _check_short_streams(stack, text_results)
     _assert_no_orphans([pid0, pid1])
     _assert_pages_back(stack)
+    not_ready = httpx.get(f"{stack.base_url}/health/ready", timeout=30)
+    assert not_ready.status_code == 503 and not_ready.json()["ready_workers"]["vision"] == 0
 
     for name in ("vision-0", "vision-1"):
         started = time.monotonic()
         stack.restart(name)
         _wait_router_state(stack, name, "ready")
         print(f"{name} restarted and back in rotation in {time.monotonic() - started:.1f} s")
+    ready = httpx.get(f"{stack.base_url}/health/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json()["ready_workers"]["vision"] == 2
     outcomes = []
     for seed in (0, 200, 201):  # a cached image would not reach the restarted workers
         _image_chat(stack, seed, outcomes)
