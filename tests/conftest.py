@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+import openai
 import pytest
+from stack_utils import start_stack
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +31,18 @@ def tiny_tokenizer(tiny_tokenizer_dir: Path):
     from shared.tokenizer import KimiTokenizer
 
     return KimiTokenizer.from_dir(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoint: Path):
+    """The default stack (one worker per pool), one per test module; a module that needs other
+    settings defines its own `stack`."""
+    stack = start_stack(tiny_checkpoint)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack) -> openai.OpenAI:
+    """The openai client of the module's stack."""
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0, timeout=120)

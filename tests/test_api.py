@@ -15,7 +15,6 @@ import math
 import httpx
 import openai
 import pytest
-from stack_utils import start_stack
 
 MODEL = "moonshotai/Kimi-K2.5"
 HI = [{"role": "user", "content": "Hi"}]
@@ -24,18 +23,6 @@ CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
 CONTEXT_LENGTH = 32768  # the router's default for the tiny checkpoint
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoint):
-    stack = start_stack(tiny_checkpoint)
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(scope="module")
-def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0, timeout=60)
 
 
 def chat(client, stream=False, messages=HI, **kwargs):

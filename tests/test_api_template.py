@@ -12,7 +12,6 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from stack_utils import start_stack
 from test_chat_template import WEATHER_TOOL, WEATHER_TS
 
 from shared.parsers import ChatOutputParser, MarkerTable
@@ -139,13 +138,6 @@ WORKED_EXAMPLES = {
         "<|im_end|><|im_assistant|>assistant<|im_middle|><think>",
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoint):
-    stack = start_stack(tiny_checkpoint)
-    yield stack
-    stack.stop()
 
 
 @pytest.fixture(scope="module")

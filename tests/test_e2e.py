@@ -8,7 +8,7 @@ import subprocess
 import grpc
 import openai
 import pytest
-from stack_utils import curl_chat, router_address, start_stack
+from stack_utils import curl_chat, router_address
 
 from proto import kimiserve_pb2 as pb
 from proto import kimiserve_pb2_grpc as pb_grpc
@@ -24,18 +24,6 @@ PROMPTS = [
     "日本の首都はどこですか？",
     "Summarise: the quick brown fox jumps over the lazy dog. " * 8,
 ]
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoint):
-    stack = start_stack(tiny_checkpoint)
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(scope="module")
-def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
 
 
 def _chat(client: openai.OpenAI, prompt: str, **kwargs):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import openai
 import pytest
-from stack_utils import start_stack
 
 from bench.soak import rss_mib, run_load, wait_for_free_pages, worker_pages
 from deploy.launcher import start_process
@@ -33,13 +32,6 @@ NUM_CLIENTS = 64
 DURATION_S = 60.0
 MAX_TOKENS = 16  # 64 streams of ~60 tokens each fit the 512 pages of the test stack
 CLIENT_DEADLINE_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoint):
-    stack = start_stack(tiny_checkpoint)
-    yield stack
-    stack.stop()
 
 
 def test_64_streaming_clients_for_a_minute(stack):

@@ -38,18 +38,6 @@ PERSON_FORMAT = {
 MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoint):
-    stack = start_stack(tiny_checkpoint)
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(scope="module")
-def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0, timeout=120)
-
-
 def _collect(client: openai.OpenAI, stream: bool, **kwargs) -> tuple[str, str, str]:
     """(reasoning, content, finish_reason) of one chat completion."""
     kwargs = {"model": MODEL, "messages": MESSAGES, "max_tokens": 400, **kwargs}

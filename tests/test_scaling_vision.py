@@ -12,10 +12,9 @@ import time
 
 import grpc
 import openai
-import pytest
 from image_utils import data_url, natural_photo_jpeg
 from prometheus_client import CollectorRegistry
-from stack_utils import free_port, router_address, start_stack
+from stack_utils import free_port, router_address
 
 from deploy.cli import format_status
 from deploy.launcher import start_process
@@ -74,13 +73,6 @@ def test_status_shows_the_vision_cache_and_pins():
         "decode-0  decode  draining  127.0.0.1:6  0          0       3/8",
         "vision-0  vision  ready     127.0.0.1:5  1          9       3 images, 1.5 MiB, 2 pinned",
     ]
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoint):
-    stack = start_stack(tiny_checkpoint)
-    yield stack
-    stack.stop()
 
 
 def _client(stack) -> openai.OpenAI:
